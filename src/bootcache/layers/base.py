@@ -1,0 +1,87 @@
+"""The block-layer interface shared by every layer of an export.
+
+Each layer (raw, qcow2, cache, ...) presents a virtual disk with the same
+small async interface, in the spirit of nbdkit filters: a layer knows only
+the layer directly below it, and overrides only the calls it changes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from bootcache.errors import ReadOnlyError
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """One run of a virtual disk with uniform allocation state.
+
+    ``data`` False means a hole (reads come from below or as zeros);
+    ``zero`` True means the range is known to read as zeros.
+    ``depth`` is the layer depth that provides the data (1 = this layer,
+    2 = the layer below, ..., 0 = unallocated in the whole chain).
+    """
+
+    offset: int
+    length: int
+    data: bool
+    zero: bool
+    depth: int = 1
+
+
+class BlockLayer(ABC):
+    """A virtual disk: the one interface between layers."""
+
+    #: Human-readable name used in messages and logs.
+    name: str = ""
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Virtual size in bytes."""
+
+    @property
+    def read_only(self) -> bool:
+        """True when writes, zeroing and discards are refused."""
+        return True
+
+    @abstractmethod
+    async def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (the range must lie inside the disk)."""
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview,
+                     *, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua``, durable before returning."""
+        raise ReadOnlyError(f"{self.name}: read-only")
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = True,
+                           fua: bool = False) -> None:
+        """Make a range read as zeros; ``may_unmap`` allows releasing storage."""
+        raise ReadOnlyError(f"{self.name}: read-only")
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Hint that a range is unused; its content afterwards is unspecified
+        by the NBD protocol, but every bootcache layer makes it read as zeros
+        or leaves it unchanged."""
+        raise ReadOnlyError(f"{self.name}: read-only")
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Describe allocation from ``offset``; returns at least one extent,
+        covering a prefix of (or the whole) requested range."""
+        return [Extent(offset, length, data=True, zero=False)]
+
+    async def prefetch(self, offset: int, length: int) -> None:
+        """Bring a range into the nearest cache (NBD_CMD_CACHE); default: nothing."""
+
+    async def close(self) -> None:
+        """Release resources held by this layer and the layers below it."""
+
+    def check_range(self, offset: int, length: int) -> None:
+        """Raise ValueError unless [offset, offset+length) lies inside the disk."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(
+                f"{self.name}: range {offset}+{length} outside disk of size {self.size}")

@@ -1,0 +1,65 @@
+"""Raw layer: a byte source presented as a virtual disk, byte for byte."""
+
+from __future__ import annotations
+
+from bootcache.errors import ReadOnlyError
+from bootcache.layers.base import BlockLayer, Extent
+from bootcache.sources.base import ByteSource
+
+
+class RawLayer(BlockLayer):
+    """The disk is the source's bytes; its size is fixed when opened."""
+
+    def __init__(self, source: ByteSource, size: int, *, read_only: bool = True) -> None:
+        self.source = source
+        self.name = source.name
+        self._size = size
+        self._read_only = read_only or not source.writable
+
+    @classmethod
+    async def open(cls, source: ByteSource, *, read_only: bool = True) -> RawLayer:
+        return cls(source, await source.size(), read_only=read_only)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return await self.source.pread(offset, length)
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview,
+                     *, fua: bool = False) -> None:
+        if self._read_only:
+            raise ReadOnlyError(f"{self.name}: read-only")
+        await self.source.pwrite(offset, data)
+        if fua:
+            await self.source.flush()
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = True,
+                           fua: bool = False) -> None:
+        if self._read_only:
+            raise ReadOnlyError(f"{self.name}: read-only")
+        if not (may_unmap and await self.source.punch_hole(offset, length)):
+            step = 1 << 20
+            for off in range(offset, offset + length, step):
+                await self.source.pwrite(off, bytes(min(step, offset + length - off)))
+        if fua:
+            await self.source.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        if self._read_only:
+            raise ReadOnlyError(f"{self.name}: read-only")
+        await self.source.punch_hole(offset, length)
+
+    async def flush(self) -> None:
+        await self.source.flush()
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(offset, length, data=True, zero=False)]
+
+    async def close(self) -> None:
+        await self.source.close()
