@@ -1,0 +1,3 @@
+from bootcache.cli.main import main
+
+main()

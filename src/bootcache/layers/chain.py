@@ -1,0 +1,142 @@
+"""Opening an image and its backing chain under a policy.
+
+A qcow2 image names its backing file as a path (relative to the image's own
+folder) or a URI, exactly as QEMU reads it. Because the name comes from the
+image, an untrusted image could point it at any host file; the policy
+decides which names are followed: paths must resolve inside allowed
+folders, URIs must use allowed schemes, loops and deep chains are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from bootcache.errors import BackingPolicyError, BootcacheError, UnsupportedFeatureError
+from bootcache.layers.base import BlockLayer
+from bootcache.layers.raw import RawLayer
+from bootcache.qcow2.format import MAGIC
+from bootcache.qcow2.image import Qcow2Image
+from bootcache.sources.base import ByteSource
+from bootcache.sources.file import FileSource
+
+REMOTE_SCHEMES = frozenset({"nbd", "nbd+unix", "nbd+tcp", "nbds", "nbds+unix", "http",
+                            "https", "s3"})
+
+
+@dataclass
+class ChainPolicy:
+    """Which backing files an image may name.
+
+    ``allowed_dirs`` None means: the folder of the top image (and below).
+    ``trusted`` follows any path, as QEMU does; use it only for images you made.
+    """
+
+    allowed_dirs: list[str] | None = None
+    allowed_schemes: frozenset[str] = field(default_factory=lambda: REMOTE_SCHEMES)
+    max_depth: int = 16
+    trusted: bool = False
+
+    @classmethod
+    def from_env(cls) -> ChainPolicy:
+        dirs = [d for d in os.environ.get("BOOTCACHE_BACKING_DIRS", "").split(":") if d]
+        return cls(allowed_dirs=dirs or None,
+                   trusted=os.environ.get("BOOTCACHE_TRUST_BACKING") == "1")
+
+
+def is_uri(name: str) -> bool:
+    scheme = urlsplit(name).scheme
+    return len(scheme) > 1 and "://" in name  # "C:" style or plain paths are not URIs
+
+
+async def open_source(name: str, *, writable: bool) -> ByteSource:
+    """A byte source for a path or URI."""
+    if is_uri(name) and not name.startswith("file://"):
+        try:
+            from bootcache.sources import uri  # type: ignore[attr-defined, unused-ignore]
+        except ImportError as e:
+            raise UnsupportedFeatureError(f"{name}: remote sources are not available") from e
+        src: ByteSource = await uri.open_source(name, writable=writable)
+        return src
+    path = urlsplit(name).path if name.startswith("file://") else name
+    return FileSource(path, writable=writable)
+
+
+async def probe_format(source: ByteSource) -> str:
+    head = await source.pread(0, 4)
+    return "qcow2" if head == MAGIC else "raw"
+
+
+async def open_layer(name: str, *, writable: bool = False, fmt: str | None = None,
+                     policy: ChainPolicy | None = None, keep_autoclear: int = 0,
+                     follow_backing: bool = True) -> BlockLayer:
+    """Open ``name`` (path or URI) and, for qcow2, its backing chain."""
+    policy = policy or ChainPolicy()
+    top_dir = None if is_uri(name) else os.path.dirname(os.path.realpath(name))
+    allowed = [os.path.realpath(d) for d in (policy.allowed_dirs or [])]
+    if top_dir is not None and policy.allowed_dirs is None:
+        allowed = [top_dir]
+    return await _open(name, writable=writable, fmt=fmt, policy=policy, allowed=allowed,
+                       seen=[], keep_autoclear=keep_autoclear, follow=follow_backing)
+
+
+async def _open(name: str, *, writable: bool, fmt: str | None, policy: ChainPolicy,
+                allowed: list[str], seen: list[str], keep_autoclear: int,
+                follow: bool) -> BlockLayer:
+    key = name if is_uri(name) else os.path.realpath(name)
+    if key in seen:
+        raise BackingPolicyError(f"{name}: backing chain loops ({' -> '.join(seen + [key])})")
+    if len(seen) > policy.max_depth:
+        raise BackingPolicyError(f"{name}: backing chain deeper than {policy.max_depth}")
+    seen.append(key)
+    source = await open_source(name, writable=writable)
+    try:
+        fmt = fmt or await probe_format(source)
+        if fmt == "raw":
+            return await RawLayer.open(source, read_only=not writable)
+        if fmt != "qcow2":
+            raise UnsupportedFeatureError(f"{name}: unsupported format {fmt!r}")
+        img = await Qcow2Image.open(source, writable=writable, keep_autoclear=keep_autoclear,
+                                    name=name)
+    except BaseException:
+        await source.close()
+        raise
+    backing = img.header.backing_file
+    if backing and follow:
+        try:
+            target = resolve_backing(name, backing, policy, allowed)
+            img.backing = await _open(target, writable=False, fmt=img.header.backing_format,
+                                      policy=policy, allowed=allowed, seen=seen,
+                                      keep_autoclear=0, follow=True)
+        except BaseException:
+            await img.close()
+            raise
+    return img
+
+
+def resolve_backing(image: str, backing: str, policy: ChainPolicy, allowed: list[str]) -> str:
+    """The path or URI a backing file name refers to, if the policy allows it."""
+    if is_uri(backing) and not backing.startswith("file://"):
+        scheme = urlsplit(backing).scheme
+        if scheme not in policy.allowed_schemes and not policy.trusted:
+            raise BackingPolicyError(f"{image}: backing URI scheme {scheme!r} is not allowed")
+        return backing
+    path = urlsplit(backing).path if backing.startswith("file://") else backing
+    if not os.path.isabs(path):
+        if is_uri(image):
+            raise BackingPolicyError(
+                f"{image}: relative backing file {backing!r} of a remote image")
+        path = os.path.join(os.path.dirname(image), path)
+    if policy.trusted:
+        return path
+    real = os.path.realpath(path)
+    if not any(real == d or real.startswith(d.rstrip("/") + "/") for d in allowed):
+        raise BackingPolicyError(
+            f"{image}: backing file {backing!r} resolves to {real}, outside the allowed "
+            f"folders ({', '.join(allowed) or 'none'}); allow it with "
+            "BOOTCACHE_BACKING_DIRS or --backing-dir")
+    return path
+
+
+__all__ = ["BootcacheError", "ChainPolicy", "open_layer", "resolve_backing"]

@@ -1,0 +1,535 @@
+"""The asyncio NBD server: a thin transport around the sans-I/O protocol.
+
+One :class:`NBDServer` serves a dict of exports (name -> BlockLayer) on
+UNIX and/or TCP sockets. Each connection is an ``asyncio.Protocol``: bytes
+go into a :class:`~bootcache.nbd.protocol.ServerConnection`, requests come
+out and run against the export's layer concurrently; replies may leave out
+of order.
+
+Hot path notes:
+- Every request coroutine is first stepped inline ("eager start"). A read
+  served from the page cache never suspends, so it completes without an
+  asyncio Task (a Task costs several microseconds, more than the read).
+  Only coroutines that really wait get a Task. If a layer needs to run inside
+  a Task from its first step (``asyncio.timeout`` and aiohttp need
+  ``current_task()``), the RuntimeError this raises switches the export to
+  Task mode and the request is re-issued: every NBD operation is idempotent.
+- Replies produced while one ``data_received`` batch is parsed are written
+  with one ``writelines`` call, i.e. one syscall per batch, not per request.
+- Memory is bounded: reading from the socket pauses while the transport's
+  write buffer is above its high-water mark (slow reader), while too many
+  requests or bytes are in flight, and the protocol caps write payloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import ssl
+import stat
+import types
+from collections.abc import Callable, Coroutine, Generator, Mapping
+from typing import Any, cast
+
+from bootcache.errors import BootcacheError, ReadOnlyError
+from bootcache.layers.base import BlockLayer
+from bootcache.nbd import wire as w
+from bootcache.nbd.protocol import (
+    MAX_PAYLOAD,
+    NEED_DATA,
+    ConnectionClosed,
+    Disconnect,
+    ExportInfo,
+    ProtocolError,
+    Ready,
+    Request,
+    ServerConnection,
+    StartTLS,
+    extent_descriptors,
+)
+
+log = logging.getLogger("bootcache.nbd")
+
+MAX_INFLIGHT = 64  # requests per connection running at once
+MAX_INFLIGHT_BYTES = 64 << 20  # read+write bytes per connection in flight
+WRITE_HIGH_WATER = 4 << 20  # transport buffer: stop reading requests above
+WRITE_LOW_WATER = 1 << 20
+BATCH_FLUSH = 1 << 20  # write a batch out early once it holds this much
+SMALL_READ = 64 << 10  # below this, header + data are joined (one buffer)
+
+
+class Export:
+    """One export: its layer, what the protocol sees of it, and run mode."""
+
+    def __init__(self, name: str, layer: BlockLayer, description: str = "") -> None:
+        self.name = name
+        self.layer = layer
+        self.info = ExportInfo(size=layer.size, read_only=layer.read_only,
+                               description=description,
+                               fast_zero=bool(getattr(layer, "fast_zero", False)))
+        # Cleared when the layer turns out to need a Task from its first step.
+        self.eager = True
+
+
+def nbd_errno(exc: BaseException) -> int:
+    """The NBD error for an exception raised by a layer."""
+    if isinstance(exc, ReadOnlyError):
+        return w.EPERM
+    if isinstance(exc, ValueError):
+        return w.EINVAL
+    if isinstance(exc, NotImplementedError):
+        return w.ENOTSUP
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return w.ENOSPC
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            return w.ENOTSUP
+        if exc.errno == errno.ENOMEM:
+            return w.ENOMEM
+    return w.EIO
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Generator[Any, Any, Any]:
+    """Continue, inside a Task, a coroutine already stepped once by hand:
+    hand its pending future to the Task, then relay results and exceptions."""
+    pending = first
+    while True:
+        try:
+            value = yield pending
+        except BaseException as exc:
+            try:
+                pending = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                pending = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _finish(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
+    return await _resume(coro, first)
+
+
+Done = Callable[[Request, Any], None]
+
+
+class NBDProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.conn = ServerConnection(server.infos, tls=server.ssl_context is not None,
+                                     tls_required=server.tls_required,
+                                     max_payload=server.max_payload)
+        self.export: Export | None = None
+        self.layer: BlockLayer | None = None
+        self.peer = "?"
+        self._batch: list[bytes] | None = None
+        self._batch_bytes = 0
+        self._tasks: dict[asyncio.Task[Any], tuple[Request, Done]] = {}
+        self._inflight_bytes = 0
+        self._write_paused = False
+        self._reading_paused = False
+        self._hold = False  # no parsing: TLS upgrade or session ending
+        self._ending = False
+        self._lost = False
+        self.finished: asyncio.Future[None] = self.loop.create_future()
+        self._handlers: dict[int, Callable[[Request], None]] = {
+            w.CMD_READ: self._read, w.CMD_WRITE: self._write, w.CMD_FLUSH: self._flush,
+            w.CMD_TRIM: self._trim, w.CMD_WRITE_ZEROES: self._write_zeroes,
+            w.CMD_CACHE: self._cache, w.CMD_BLOCK_STATUS: self._block_status,
+        }
+
+    # --- asyncio callbacks ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; same interface.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer) if peer else "unix"
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.server.connections.add(self)
+        if self.server.closing:
+            self.conn.shutdown()
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.conn.receive_data(data)
+        except ProtocolError as e:
+            self._protocol_error(e)
+            return
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._process()
+        return True  # keep the write side open for in-flight replies
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._ending = True
+        self._check_finished()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+        self._process()
+
+    # --- parsing loop -------------------------------------------------------------------
+    def _paused(self) -> bool:
+        return (self._hold or self._write_paused or len(self._tasks) >= MAX_INFLIGHT
+                or self._inflight_bytes >= MAX_INFLIGHT_BYTES)
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        want_pause = self._paused()
+        if want_pause != self._reading_paused:
+            self._reading_paused = want_pause
+            if want_pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _process(self) -> None:
+        """Handle every complete event buffered, batching the replies."""
+        if self._batch is not None or self._ending:
+            return  # re-entered from a write callback; the outer loop continues
+        conn = self.conn
+        handlers = self._handlers
+        self._batch = batch = list[bytes]()
+        self._batch_bytes = 0
+        try:
+            while not self._paused():
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    break
+                if type(event) is Request:
+                    handlers[event.command](event)
+                else:
+                    self._session_event(event)
+        except ProtocolError as e:
+            self._batch = None
+            self._write_out(batch)
+            self._protocol_error(e)
+            return
+        self._batch = None
+        out = conn.data_to_send()
+        if out:
+            batch.append(out)
+        self._write_out(batch)
+        if self._ending:
+            self._check_finished()
+        else:
+            self._update_reading()
+
+    def _write_out(self, batch: list[bytes]) -> None:
+        if batch and self.transport is not None and not self._lost:
+            if len(batch) == 1:
+                self.transport.write(batch[0])
+            else:
+                self.transport.writelines(batch)
+
+    def _send(self, data: bytes) -> None:
+        batch = self._batch
+        if batch is not None:
+            batch.append(data)
+            self._batch_bytes += len(data)
+            if self._batch_bytes >= BATCH_FLUSH:
+                # Hand big batches over now so flow control sees them.
+                self._write_out(batch)
+                batch.clear()
+                self._batch_bytes = 0
+        elif self.transport is not None and not self._lost:
+            self.transport.write(data)
+
+    def _session_event(self, event: object) -> None:
+        if type(event) is Ready:
+            self.export = self.server.exports[event.export]
+            self.layer = self.export.layer
+            log.debug("%s: transmission on %r", self.peer, event.export)
+        elif type(event) is StartTLS:
+            self._hold = True
+            self._send(self.conn.data_to_send())
+            self.loop.create_task(self._start_tls())
+        elif type(event) in (Disconnect, ConnectionClosed):
+            self._end_session()
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None and self.server.ssl_context is not None
+        try:
+            self.transport = await self.loop.start_tls(
+                self.transport, self, self.server.ssl_context, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as e:
+            log.info("%s: TLS handshake failed: %s", self.peer, e)
+            self._abort()
+            return
+        except Exception:
+            log.exception("%s: TLS upgrade failed", self.peer)
+            self._abort()
+            return
+        self.conn.tls_started()
+        self._hold = False
+        self._update_reading()
+        self._process()
+
+    def _end_session(self) -> None:
+        """Stop parsing; close once every in-flight request has replied."""
+        self._hold = True
+        self._ending = True
+        self._check_finished()
+
+    def begin_shutdown(self) -> None:
+        """Server shutdown: error new requests; close when in-flight ones finish."""
+        self.conn.shutdown()
+        if self.layer is None:
+            self._end_session()  # still haggling: nothing to finish
+        else:
+            self._process()
+            if not self._tasks:
+                self._end_session()
+
+    def _check_finished(self) -> None:
+        if not self._ending or self._tasks or self._batch is not None:
+            return  # (inside _process, which calls again when its batch is out)
+        if not self._lost and self.transport is not None:
+            out = self.conn.data_to_send()
+            if out:
+                self.transport.write(out)
+            self.transport.close()
+            return  # connection_lost() comes back here
+        self.server.connections.discard(self)
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    def _protocol_error(self, e: ProtocolError) -> None:
+        log.info("%s: protocol error, closing: %s", self.peer, e)
+        self._abort()
+
+    def _abort(self) -> None:
+        self._hold = True
+        self._ending = True
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+        self._check_finished()
+
+    # --- running requests -----------------------------------------------------------------
+    def _start(self, req: Request, done: Done, fn: Callable[..., Any], *args: Any,
+               **kwargs: Any) -> None:
+        """Run coroutine ``fn(*args, **kwargs)`` for ``req``, then ``done(req, result)``."""
+        export = self.export
+        assert export is not None
+        coro = fn(*args, **kwargs)
+        if export.eager:
+            try:
+                pending = coro.send(None)
+            except StopIteration as stop:
+                done(req, stop.value)
+                return
+            except RuntimeError as exc:
+                if "task" not in str(exc).lower():
+                    self._failed(req, exc)
+                    return
+                # The layer needs a Task from its first step: retry in one.
+                log.debug("%s: layer needs a task (%s); eager start off", export.name, exc)
+                export.eager = False
+                coro = fn(*args, **kwargs)
+                task = self.loop.create_task(coro)
+            except Exception as exc:
+                self._failed(req, exc)
+                return
+            else:
+                task = self.loop.create_task(_finish(coro, pending))
+        else:
+            task = self.loop.create_task(coro)
+        self._tasks[task] = (req, done)
+        if req.command <= w.CMD_WRITE:
+            self._inflight_bytes += req.length
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        req, done = self._tasks.pop(task)
+        if req.command <= w.CMD_WRITE:
+            self._inflight_bytes -= req.length
+        if task.cancelled():
+            self._send(self.conn.reply_error(req.handle, w.ESHUTDOWN, "cancelled"))
+        elif (exc := task.exception()) is not None:
+            self._failed(req, exc)
+        else:
+            done(req, task.result())
+        if self._ending:
+            self._check_finished()
+        else:
+            self._update_reading()
+            if not self._paused():
+                self._process()
+
+    def _failed(self, req: Request, exc: BaseException) -> None:
+        error = nbd_errno(exc)
+        if not isinstance(exc, (BootcacheError, OSError, ValueError, NotImplementedError)):
+            log.error("%s: %s failed", self.peer, w.name_of("command", req.command),
+                      exc_info=exc)
+        else:
+            log.info("%s: %s at %d+%d failed: %s", self.peer,
+                     w.name_of("command", req.command), req.offset, req.length, exc)
+        self._send(self.conn.reply_error(req.handle, error, str(exc)))
+
+    def _ok(self, req: Request, _result: Any) -> None:
+        self._send(self.conn.reply_ok(req.handle))
+
+    # --- commands --------------------------------------------------------------------------
+    def _read(self, req: Request) -> None:
+        assert self.layer is not None
+        self._start(req, self._read_done, self.layer.pread, req.offset, req.length)
+
+    def _read_done(self, req: Request, data: bytes) -> None:
+        if len(data) != req.length:
+            self._failed(req, OSError(errno.EIO, f"short read: {len(data)} of {req.length}"))
+            return
+        header = self.conn.read_header(req.handle, req.offset, req.length)
+        if req.length < SMALL_READ:
+            self._send(header + data)
+        else:
+            self._send(header)
+            self._send(data)
+
+    def _write(self, req: Request) -> None:
+        assert self.layer is not None
+        self._start(req, self._ok, self.layer.pwrite, req.offset, req.data,
+                    fua=bool(req.flags & w.CMD_FLAG_FUA))
+
+    def _flush(self, req: Request) -> None:
+        assert self.layer is not None
+        self._start(req, self._ok, self.layer.flush)
+
+    def _trim(self, req: Request) -> None:
+        self._start(req, self._ok, self._do_trim, req)
+
+    async def _do_trim(self, req: Request) -> None:
+        assert self.layer is not None
+        await self.layer.discard(req.offset, req.length)
+        if req.flags & w.CMD_FLAG_FUA:
+            await self.layer.flush()
+
+    def _write_zeroes(self, req: Request) -> None:
+        assert self.layer is not None
+        self._start(req, self._ok, self.layer.write_zeroes, req.offset, req.length,
+                    may_unmap=not req.flags & w.CMD_FLAG_NO_HOLE,
+                    fua=bool(req.flags & w.CMD_FLAG_FUA))
+
+    def _cache(self, req: Request) -> None:
+        assert self.layer is not None
+        self._start(req, self._ok, self.layer.prefetch, req.offset, req.length)
+
+    def _block_status(self, req: Request) -> None:
+        assert self.layer is not None
+        self._start(req, self._block_status_done, self.layer.block_status,
+                    req.offset, req.length)
+
+    def _block_status_done(self, req: Request, extents: Any) -> None:
+        req_one = bool(req.flags & w.CMD_FLAG_REQ_ONE)
+        chunks = [(ctx_id, extent_descriptors(extents, req.offset, req.length, name, req_one))
+                  for ctx_id, name in self.conn.contexts]
+        self._send(self.conn.reply_block_status(req.handle, chunks))
+
+
+class NBDServer:
+    """Serves ``exports`` (name -> layer) until :meth:`shutdown`."""
+
+    def __init__(self, exports: Mapping[str, BlockLayer], *,
+                 ssl_context: ssl.SSLContext | None = None, tls_required: bool = False,
+                 max_payload: int = MAX_PAYLOAD) -> None:
+        if not exports:
+            raise ValueError("no exports")
+        if tls_required and ssl_context is None:
+            raise ValueError("TLS required but no certificate given")
+        self.loop = asyncio.get_running_loop()
+        self.exports = {name: Export(name, layer) for name, layer in exports.items()}
+        self.infos = {name: e.info for name, e in self.exports.items()}
+        self.ssl_context = ssl_context
+        self.tls_required = tls_required
+        self.max_payload = max_payload
+        self.connections: set[NBDProtocol] = set()
+        self.closing = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[str] = []
+
+    def _factory(self) -> NBDProtocol:
+        return NBDProtocol(self)
+
+    async def listen_unix(self, path: str, mode: int = 0o600) -> None:
+        """Listen on a UNIX socket created with permissions ``mode``."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket from an earlier run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The umask closes the window between bind() and chmod().
+        old = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        server = await self.loop.create_unix_server(self._factory, sock=sock, backlog=128)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+
+    async def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
+        """Listen on TCP; returns the bound addresses (port 0 picks one)."""
+        server = await self.loop.create_server(self._factory, host or None, port,
+                                               reuse_address=True, backlog=128)
+        self._servers.append(server)
+        return [s.getsockname()[:2] for s in server.sockets]
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let in-flight requests finish (error new ones),
+        close connections, flush and close every layer."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        for proto in list(self.connections):
+            proto.begin_shutdown()
+        pending = [p.finished for p in self.connections]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            for proto in list(self.connections):
+                if not proto.finished.done():
+                    for task in list(proto._tasks):
+                        task.cancel()
+                    proto._abort()
+            if late:
+                await asyncio.wait(late, timeout=5)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        layers = {id(e.layer): e.layer for e in self.exports.values()}
+        for layer in layers.values():
+            try:
+                if not layer.read_only:
+                    await layer.flush()
+            except Exception:
+                log.exception("%s: flush at shutdown failed", layer.name)
+            try:
+                await layer.close()
+            except Exception:
+                log.exception("%s: close at shutdown failed", layer.name)

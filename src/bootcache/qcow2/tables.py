@@ -1,0 +1,193 @@
+"""Decoded metadata tables and the bounded cache that holds them.
+
+L2 tables and refcount blocks are loaded on demand and kept in one generic
+LRU cache each (as QEMU does), so memory stays bounded whatever the image
+size. A dirty table is written back on eviction through a callback that
+enforces the write ordering the caller needs.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+_LITTLE = sys.byteorder == "little"
+
+
+def decode_u64(raw: bytes) -> array[int]:
+    """Big-endian u64 table -> native array."""
+    a = array("Q")
+    a.frombytes(raw)
+    if _LITTLE:
+        a.byteswap()
+    return a
+
+
+def encode_u64(a: array[int]) -> bytes:
+    """Native array -> big-endian u64 table."""
+    if not _LITTLE:
+        return a.tobytes()
+    b = array("Q", a)
+    b.byteswap()
+    return b.tobytes()
+
+
+_TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+
+
+class RefBlock:
+    """One refcount block: ``entries`` counters of ``bits`` bits each.
+
+    Widths of 8 bits and more are big-endian integers; narrower ones are
+    packed into bytes with entry 0 in the least significant bits.
+    """
+
+    __slots__ = ("_arr", "_raw", "bits", "entries", "mask")
+
+    def __init__(self, raw: bytes, bits: int) -> None:
+        self.bits = bits
+        self.entries = len(raw) * 8 // bits
+        self.mask = (1 << bits) - 1
+        self._raw: bytearray | None = None
+        self._arr: array[int] | None = None
+        if bits >= 8:
+            a = array(_TYPECODES[bits])
+            a.frombytes(raw)
+            if _LITTLE and bits > 8:
+                a.byteswap()
+            self._arr = a
+        else:
+            self._raw = bytearray(raw)
+
+    def get(self, i: int) -> int:
+        if self._arr is not None:
+            return self._arr[i]
+        assert self._raw is not None
+        bit = i * self.bits
+        return (self._raw[bit >> 3] >> (bit & 7)) & self.mask
+
+    def set(self, i: int, value: int) -> None:
+        if value < 0 or value > self.mask:
+            raise OverflowError(f"refcount {value} does not fit in {self.bits} bits")
+        if self._arr is not None:
+            self._arr[i] = value
+            return
+        assert self._raw is not None
+        bit = i * self.bits
+        shift = bit & 7
+        byte = self._raw[bit >> 3] & ~(self.mask << shift)
+        self._raw[bit >> 3] = byte | (value << shift)
+
+    def first_zero(self, start: int) -> int:
+        """Index of the first zero entry at or after ``start`` (or ``entries``)."""
+        if self._arr is not None:
+            try:
+                return self._arr.index(0, start)
+            except ValueError:
+                return self.entries
+        for i in range(start, self.entries):
+            if self.get(i) == 0:
+                return i
+        return self.entries
+
+    def byte_span(self, first: int, last: int) -> tuple[int, bytes]:
+        """(offset within block, on-disk bytes) covering entries first..last."""
+        lo = first * self.bits // 8
+        if self._arr is not None:
+            part = array(self._arr.typecode, self._arr[first:last + 1])
+            if _LITTLE and self.bits > 8:
+                part.byteswap()
+            return lo, part.tobytes()
+        assert self._raw is not None
+        hi = -(-(last + 1) * self.bits // 8)
+        return lo, bytes(self._raw[lo:hi])
+
+    def tobytes(self) -> bytes:
+        if self._raw is not None:
+            return bytes(self._raw)
+        assert self._arr is not None
+        if _LITTLE and self.bits > 8:
+            b = array(self._arr.typecode, self._arr)
+            b.byteswap()
+            return b.tobytes()
+        return self._arr.tobytes()
+
+
+T = TypeVar("T")
+
+
+class TableCache(Generic[T]):
+    """A bounded LRU cache of decoded tables keyed by file offset.
+
+    ``load(offset)`` reads and decodes a table; ``writeback(offset, table)``
+    writes a dirty one (the caller's callback enforces ordering, e.g. "sync
+    refcounts before any L2 table reaches the disk").
+    """
+
+    def __init__(self, capacity: int, load: Callable[[int], Awaitable[T]],
+                 writeback: Callable[[int, T], Awaitable[None]]) -> None:
+        self.capacity = max(capacity, 4)
+        self._load = load
+        self._writeback = writeback
+        self._tables: OrderedDict[int, T] = OrderedDict()
+        self.dirty: set[int] = set()
+
+    def __contains__(self, offset: int) -> bool:
+        return offset in self._tables
+
+    def peek(self, offset: int) -> T | None:
+        return self._tables.get(offset)
+
+    async def get(self, offset: int) -> T:
+        table = self._tables.get(offset)
+        if table is not None:
+            self._tables.move_to_end(offset)
+            return table
+        table = await self._load(offset)
+        # Another task may have loaded (and modified) it meanwhile: keep that one.
+        existing = self._tables.get(offset)
+        if existing is not None:
+            return existing
+        self._tables[offset] = table
+        await self._shrink()
+        return table
+
+    async def put(self, offset: int, table: T, *, dirty: bool = True) -> None:
+        self._tables[offset] = table
+        self._tables.move_to_end(offset)
+        if dirty:
+            self.dirty.add(offset)
+        await self._shrink()
+
+    def mark_dirty(self, offset: int, table: T) -> None:
+        """Record that ``table`` was modified (re-adding it if it was evicted)."""
+        if offset not in self._tables:
+            self._tables[offset] = table
+        self.dirty.add(offset)
+
+    def drop(self, offset: int) -> None:
+        """Forget a table (its cluster was freed); a dirty copy is discarded."""
+        self._tables.pop(offset, None)
+        self.dirty.discard(offset)
+
+    async def flush(self) -> None:
+        """Write back every dirty table, in offset order."""
+        for offset in sorted(self.dirty):
+            await self._writeback(offset, self._tables[offset])
+        self.dirty.clear()
+
+    async def _shrink(self) -> None:
+        while len(self._tables) > self.capacity:
+            victim = next((o for o in self._tables if o not in self.dirty), None)
+            if victim is None:
+                victim = next(iter(self._tables))
+                await self._writeback(victim, self._tables[victim])
+                self.dirty.discard(victim)
+            del self._tables[victim]
+
+    def clear(self) -> None:
+        self._tables.clear()
+        self.dirty.clear()

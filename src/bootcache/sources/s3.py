@@ -1,0 +1,186 @@
+"""S3 byte source: ``s3://bucket/key`` read by ranged GetObject through aiobotocore.
+
+Endpoint, region and credentials come from the same places the AWS SDKs
+look: AWS_ENDPOINT_URL(_S3), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws/config + credentials (also
+endpoint_url and s3.addressing_style there), container and instance
+roles. botocore itself reads only AWS_DEFAULT_REGION, while the other SDKs
+prefer AWS_REGION, so AWS_REGION is honoured first here. Explicit options
+(``endpoint_url``, ``region``, ``profile``) override everything.
+
+Retries are ours (see resilience.py), not botocore's, so a dead endpoint
+obeys one deadline. Every read carries If-Match with the ETag seen at open:
+a replaced object fails with SourceChangedError, never a mix of versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from typing import Any
+
+import aiohttp
+import botocore.exceptions  # type: ignore[import-untyped]
+from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
+from aiobotocore.session import AioSession  # type: ignore[import-untyped]
+from botocore import UNSIGNED
+
+from bootcache.errors import SourceError
+from bootcache.sources.resilience import (
+    RemoteOptions,
+    RemoteSource,
+    SourceChangedError,
+    TransientError,
+    check_body,
+    describe,
+)
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+# Error codes S3 and compatible stores use for "slow down / try again".
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "RequestTimeout", "RequestTimeoutException", "Throttling",
+    "ThrottlingException", "InternalError", "ServiceUnavailable", "RequestLimitExceeded",
+    "TooManyRequestsException", "PriorRequestNotComplete", "ServerBusy",
+})
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` (key taken literally, like the AWS CLI)."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"{url}: not an s3:// URL")
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"{url}: expected s3://bucket/key")
+    return bucket, key
+
+
+def _translate(name: str, what: str, e: Exception) -> SourceError:
+    """Map a botocore/aiohttp failure to transient (retry) or permanent."""
+    if isinstance(e, botocore.exceptions.ClientError):
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        text = f"{name}: {what}: {code or status} {err.get('Message', '')}".rstrip()
+        if status == 412 or code == "PreconditionFailed":
+            return SourceChangedError(f"{text}: the object changed since it was opened")
+        if code in _TRANSIENT_CODES or status in (408, 429) or status >= 500:
+            return TransientError(text)
+        return SourceError(text)
+    if isinstance(e, botocore.exceptions.NoCredentialsError
+                  | botocore.exceptions.PartialCredentialsError
+                  | botocore.exceptions.NoRegionError
+                  | botocore.exceptions.SSLError
+                  | botocore.exceptions.ParamValidationError):
+        return SourceError(f"{name}: {what}: {describe(e)}")
+    # Connection refused/reset/closed, timeouts, short bodies.
+    return TransientError(f"{name}: {what}: {describe(e)}")
+
+
+_FAILURES = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+             aiohttp.ClientError)
+
+
+class S3Source(RemoteSource):
+    """A read-only S3 object; open with :meth:`open`."""
+
+    kind = "s3"
+
+    def __init__(self, url: str, client: Any, stack: contextlib.AsyncExitStack,
+                 options: RemoteOptions, *, if_match: bool = True) -> None:
+        super().__init__(url, options)
+        self.url = url
+        self.bucket, self.key = parse_s3_url(url)
+        self._client = client
+        self._stack = stack
+        self._if_match = if_match
+        self._etag: str | None = None
+
+    @classmethod
+    async def open(cls, url: str, options: RemoteOptions | None = None, *,
+                   endpoint_url: str | None = None, region: str | None = None,
+                   profile: str | None = None, anonymous: bool = False,
+                   addressing_style: str | None = None, if_match: bool = True) -> S3Source:
+        """Create a client the SDK way, HeadObject the key, and return the source."""
+        opts = options or RemoteOptions()
+        parse_s3_url(url)
+        session = AioSession(profile=profile)
+        s3_config: dict[str, Any] = {}
+        if addressing_style:
+            s3_config["addressing_style"] = addressing_style
+        config = AioConfig(
+            connect_timeout=opts.connect_timeout, read_timeout=opts.timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            max_pool_connections=opts.concurrency, s3=s3_config or None,
+            signature_version=UNSIGNED if anonymous else None)
+        region = region or os.environ.get("AWS_REGION") or None
+        stack = contextlib.AsyncExitStack()
+        try:
+            client = await stack.enter_async_context(session.create_client(
+                "s3", region_name=region, endpoint_url=endpoint_url, config=config))
+        except _FAILURES as e:
+            await stack.aclose()
+            raise SourceError(f"{url}: cannot create an S3 client: {describe(e)}") from e
+        src = cls(url, client, stack, opts, if_match=if_match)
+        try:
+            ident = await src.resilience.call("HeadObject", src._probe)
+        except BaseException:
+            await stack.aclose()
+            raise
+        src._set_identity(ident)
+        return src
+
+    def _set_identity(self, ident: dict[str, Any]) -> None:
+        self._identity = ident
+        self._size = ident["size"]
+        self._etag = ident["etag"] if self._if_match else None
+
+    async def current_identity(self) -> dict[str, Any]:
+        """Ask the server again: differs from identity() when the object changed."""
+        return await self.resilience.call("HeadObject", self._probe)
+
+    async def _probe(self) -> dict[str, Any]:
+        try:
+            r = await self._client.head_object(Bucket=self.bucket, Key=self.key)
+        except _FAILURES as e:
+            raise _translate(self.name, "HeadObject", e) from e
+        headers = r.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        return {"kind": "s3", "url": self.url, "endpoint": self._client.meta.endpoint_url,
+                "size": int(r["ContentLength"]), "etag": r.get("ETag"),
+                # The header as sent, comparable across opens and with HTTP sources.
+                "last_modified": headers.get("last-modified"),
+                "version_id": r.get("VersionId")}
+
+    async def _fetch(self, offset: int, length: int) -> bytes:
+        end = offset + length - 1
+        what = f"GetObject bytes={offset}-{end}"
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key,
+                                "Range": f"bytes={offset}-{end}"}
+        if self._etag:
+            args["IfMatch"] = self._etag
+        try:
+            r = await self._client.get_object(**args)
+            async with r["Body"] as body:
+                self._check_content_range(what, r.get("ContentRange"), offset, end)
+                data = await body.read()
+        except _FAILURES as e:
+            raise _translate(self.name, what, e) from e
+        return check_body(self.name, what, data, length)
+
+    def _check_content_range(self, what: str, header: str | None, start: int, end: int) -> None:
+        m = _CONTENT_RANGE.match(header or "")
+        if not m:
+            # Only a whole-object read may come back without a range (as a 200).
+            if header is None and start == 0 and end == self._size - 1:
+                return
+            raise SourceError(f"{self.name}: {what}: bad Content-Range {header!r}")
+        if m.group(3) != "*" and int(m.group(3)) != self._size:
+            raise SourceChangedError(
+                f"{self.name}: {what}: object size is now {m.group(3)}, was {self._size}")
+        if (int(m.group(1)), int(m.group(2))) != (start, end):
+            raise TransientError(f"{self.name}: {what}: server sent range {header!r}")
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._stack.aclose()
