@@ -25,6 +25,8 @@ def _register() -> None:
 
     for command in images.COMMANDS:
         cli.add_command(command)
+    from bootcache.cli.serve import serve
+    cli.add_command(serve)
 
 
 def main() -> None:
