@@ -86,7 +86,7 @@ async def _open(name: str, *, writable: bool, fmt: str | None, policy: ChainPoli
                 follow: bool) -> BlockLayer:
     key = name if is_uri(name) else os.path.realpath(name)
     if key in seen:
-        raise BackingPolicyError(f"{name}: backing chain loops ({' -> '.join(seen + [key])})")
+        raise BackingPolicyError(f"{name}: backing chain loops ({' -> '.join([*seen, key])})")
     if len(seen) > policy.max_depth:
         raise BackingPolicyError(f"{name}: backing chain deeper than {policy.max_depth}")
     seen.append(key)

@@ -301,11 +301,8 @@ def _overlaps(a: int, alen: int, b: int, blen: int) -> bool:
 
 
 def _parse_extensions(buf: bytes, h: Header, name: str) -> list[Extension]:
-    if h.version == 2:
-        # v2 images may carry extensions too, right after the 72-byte header.
-        pos = V2_HEADER_LENGTH
-    else:
-        pos = h.header_length
+    # v2 images may carry extensions too, right after the 72-byte header.
+    pos = V2_HEADER_LENGTH if h.version == 2 else h.header_length
     end = h.backing_file_offset if h.backing_file_offset else h.cluster_size
     end = min(end, h.cluster_size)
     exts: list[Extension] = []

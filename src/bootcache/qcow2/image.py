@@ -209,6 +209,10 @@ class Qcow2Image(BlockLayer):
             self.pending_frees.append((off >> self.cb, 1, False))
         else:
             table = array("Q", bytes(self.cs))
+        # Write the new table at once, so that no refcount ever covers a
+        # cluster past the end of the file.
+        await self.source.pwrite(new_off, encode_u64(table))
+        self.file_size = max(self.file_size, new_off + self.cs)
         self.l2_offsets.add(new_off)
         await self.l2_cache.put(new_off, table, dirty=True)
         self.l1[l1i] = new_off | OFLAG_COPIED
@@ -424,7 +428,8 @@ class Qcow2Image(BlockLayer):
                 start, got = await self.refcounts.allocate(want)
                 self.unsynced_allocations = True
                 stop = min(run_end, (first_ci + got) << cb)
-                buf = await self._full_clusters(table, l2i, pos, stop, view[pos - offset:stop - offset])
+                buf = await self._full_clusters(table, l2i, pos, stop,
+                                                view[pos - offset:stop - offset])
                 host = start << cb
                 if any(self.is_metadata(host + (k << cb)) for k in range(got)):
                     raise ImageCorruptError(
@@ -457,7 +462,7 @@ class Qcow2Image(BlockLayer):
         await self.source.pwrite(e & L2E_OFFSET_MASK, buf)
 
     async def _full_clusters(self, table: array[int], l2i: int, pos: int, stop: int,
-                             piece: memoryview) -> bytes | memoryview:
+                             piece: memoryview) -> bytes | bytearray | memoryview:
         """Whole-cluster content for [pos, stop): ``piece`` over the old content."""
         cb, cs = self.cb, self.cs
         start = pos & ~(cs - 1)
