@@ -3,6 +3,7 @@ blocking client, and a way to run ``bootcache serve`` as a subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bootcache.layers.base import BlockLayer, Extent
 from bootcache.nbd import wire as w
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -303,3 +305,71 @@ def make_file(path: str | os.PathLike[str], size: int, seed: int = 1) -> bytes:
     data = random.Random(seed).randbytes(size)
     Path(path).write_bytes(data)
     return data
+
+
+class MemLayer(BlockLayer):
+    """An in-memory sparse disk: 64 KiB blocks are holes until written.
+    ``delay`` makes every read wait (to exercise out-of-order replies)."""
+
+    BLOCK = 64 << 10
+
+    def __init__(self, size: int, *, read_only: bool = False, delay: float = 0.0) -> None:
+        self.name = "mem"
+        self.data = bytearray(size)
+        self.allocated: set[int] = set()
+        self._read_only = read_only
+        self.delay = delay
+        self.flushes = 0
+        self.closed = False
+        self.prefetched: list[tuple[int, int]] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        self.check_range(offset, length)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return bytes(self.data[offset:offset + length])
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview,
+                     *, fua: bool = False) -> None:
+        self.check_range(offset, len(data))
+        self.data[offset:offset + len(data)] = data
+        self.allocated.update(range(offset // self.BLOCK,
+                                    (offset + len(data) - 1) // self.BLOCK + 1))
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = True,
+                           fua: bool = False) -> None:
+        await self.pwrite(offset, bytes(length))
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+    async def prefetch(self, offset: int, length: int) -> None:
+        self.prefetched.append((offset, length))
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        out: list[Extent] = []
+        pos, end = offset, min(offset + length, self.size)
+        while pos < end:
+            block = pos // self.BLOCK
+            stop = min((block + 1) * self.BLOCK, end)
+            data = block in self.allocated
+            if out and out[-1].data == data:
+                last = out[-1]
+                out[-1] = Extent(last.offset, stop - last.offset, last.data, last.zero,
+                                 last.depth)
+            else:
+                out.append(Extent(pos, stop - pos, data=data, zero=not data,
+                                  depth=1 if data else 0))
+            pos = stop
+        return out
+
+    async def close(self) -> None:
+        self.closed = True

@@ -3,10 +3,13 @@ and reply bytes out, no sockets."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nbd_testlib import (
+    Reply,
     client_flags,
     go_data,
     meta_data,
@@ -50,8 +53,8 @@ def drain(conn: ServerConnection) -> list[Event]:
         events.append(ev)
 
 
-def new_conn(**kw: object) -> ServerConnection:
-    conn = ServerConnection(EXPORTS, **kw)  # type: ignore[arg-type]
+def new_conn(**kw: Any) -> ServerConnection:
+    conn = ServerConnection(EXPORTS, **kw)
     magic, opt, flags = w.GREETING.unpack(conn.data_to_send())
     assert (magic, opt) == (w.NBDMAGIC, w.IHAVEOPT)
     assert flags == w.FLAG_FIXED_NEWSTYLE | w.FLAG_NO_ZEROES
@@ -74,7 +77,7 @@ def go(name: str = "disk", structured: bool = True,
     return conn, events[0]
 
 
-def replies_of(conn: ServerConnection, reads: dict[int, int] | None = None) -> list:  # type: ignore[type-arg]
+def replies_of(conn: ServerConnection, reads: dict[int, int] | None = None) -> list[Reply]:
     replies, rest = parse_replies(conn.data_to_send(), reads or {})
     assert not rest
     return replies

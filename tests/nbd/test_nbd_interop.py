@@ -1,0 +1,271 @@
+"""``bootcache serve`` against real NBD clients: qemu-io, qemu-img, nbdinfo,
+nbdcopy; plus in-process server behaviour (out-of-order replies, shutdown)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import InProcess
+from nbd_testlib import Client, MemLayer, make_file, need, serve, uri
+
+from bootcache.nbd import wire as w
+
+
+def run(*cmd: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if ok:
+        assert p.returncode == 0, f"{cmd}: {p.stdout}{p.stderr}"
+    return p
+
+
+QEMU_IO_OPS = [
+    "write -P 0x5a 0 64k",
+    "write -P 0xa5 1000 3000",  # unaligned
+    "write -z 1M 512k",
+    "write -z -u 2M 128k",  # may unmap
+    "write -f -P 0x11 4M 4k",  # FUA
+    "discard 3M 64k",
+    "aio_write -P 0x21 5M 64k",  # concurrent requests
+    "aio_write -P 0x22 6M 64k",
+    "aio_write -z 7M 64k",
+    "aio_flush",
+    "flush",
+    "read -P 0x5a 0 1000",
+    "read -P 0x22 6M 64k",
+    "read -P 0 1M 512k",
+]
+
+
+def qemu_io(target: str, ops: list[str]) -> str:
+    args = ["qemu-io", "-f", "raw"]
+    for op in ops:
+        args += ["-c", op]
+    p = run(*args, target)
+    assert "error" not in p.stdout.lower() and "fail" not in p.stdout.lower(), p.stdout
+    return p.stdout
+
+
+@pytest.mark.skipif(bool(need("qemu-io", "qemu-img")), reason=str(need("qemu-io", "qemu-img")))
+def test_qemu_io_matches_local(tmp_path: Path, sockdir: str) -> None:
+    served, local = tmp_path / "served.raw", tmp_path / "local.raw"
+    make_file(served, 8 << 20)
+    shutil.copy(served, local)
+    sock = f"{sockdir}/s"
+    with serve(f"{served}=vm", sock=sock):
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        qemu_io(uri(sock, "vm"), QEMU_IO_OPS)
+        qemu_io(str(local), QEMU_IO_OPS)
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(local), uri(sock, "vm"))
+        # While served, the image is locked against other writers, as in QEMU.
+        p = run("qemu-io", "-f", "raw", "-c", "write 0 512", str(served), ok=False)
+        assert p.returncode != 0 and "lock" in (p.stdout + p.stderr).lower()
+    # After SIGTERM, the file holds the same data and the lock is gone.
+    assert served.read_bytes() == local.read_bytes()
+    run("qemu-io", "-f", "raw", "-c", "write 0 512", str(served))
+
+
+@pytest.mark.skipif(bool(need("qemu-img")), reason=str(need("qemu-img")))
+def test_qemu_img_info_and_convert(tmp_path: Path, sockdir: str) -> None:
+    src = tmp_path / "src.raw"
+    content = make_file(src, 4 << 20, seed=2)
+    target = tmp_path / "target.raw"
+    target.write_bytes(bytes(4 << 20))
+    sock = f"{sockdir}/s"
+    with serve(f"{src}=src", f"{target}=dst", sock=sock):
+        info = json.loads(run("qemu-img", "info", "--output=json", uri(sock, "src")).stdout)
+        assert info["virtual-size"] == 4 << 20
+        out = tmp_path / "out.qcow2"
+        run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", uri(sock, "src"), str(out))
+        run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(out), str(src))
+        # And into an export: qemu-img writes, zeroes and flushes over NBD.
+        run("qemu-img", "convert", "-n", "-f", "qcow2", "-O", "raw", str(out),
+            uri(sock, "dst"))
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock, "dst"), str(src))
+    assert target.read_bytes() == content
+
+
+@pytest.mark.skipif(bool(need("nbdinfo")), reason=str(need("nbdinfo")))
+def test_nbdinfo_list(tmp_path: Path, sockdir: str) -> None:
+    make_file(tmp_path / "a.raw", 1 << 20)
+    make_file(tmp_path / "b.qcow2.raw", 2 << 20)
+    sock = f"{sockdir}/s"
+    with serve("--read-only", str(tmp_path / "a.raw"), f"{tmp_path / 'b.qcow2.raw'}=b",
+               sock=sock):
+        listing = json.loads(run("nbdinfo", "--list", "--json", uri(sock)).stdout)
+        exports = {e["export-name"]: e for e in listing["exports"]}
+        assert set(exports) == {"a.raw", "b"}
+        assert exports["b"]["export-size"] == 2 << 20
+        assert exports["a.raw"]["is_read_only"] is True
+        assert "base:allocation" in exports["a.raw"]["contexts"]
+        assert exports["a.raw"]["can_multi_conn"] is True
+        p = run("nbdinfo", "--map", uri(sock, "a.raw"))
+        assert p.stdout.split() == ["0", str(1 << 20), "0", "data"]
+
+
+@pytest.mark.skipif(bool(need("nbdinfo")), reason=str(need("nbdinfo")))
+def test_nbdinfo_map_shows_allocation(inproc: Callable[..., InProcess]) -> None:
+    layer = MemLayer(1 << 20)
+    srv: InProcess = inproc({"mem": layer})
+    with Client(srv.path).connect("mem") as c:
+        c.write(128 << 10, b"x" * 1000)
+        c.write(512 << 10, b"y" * (128 << 10))
+    extents = json.loads(run("nbdinfo", "--map", "--json", uri(srv.path, "mem")).stdout)
+    got = [(e["offset"], e["length"], e["type"]) for e in extents]
+    hole = w.STATE_HOLE | w.STATE_ZERO
+    assert got == [(0, 128 << 10, hole), (128 << 10, 64 << 10, 0),
+                   (192 << 10, 320 << 10, hole), (512 << 10, 128 << 10, 0),
+                   (640 << 10, 384 << 10, hole)]
+    depth = run("nbdinfo", "--map=qemu:allocation-depth", "--json", uri(srv.path, "mem"))
+    assert [(e["offset"], e["type"]) for e in json.loads(depth.stdout)][:2] == [
+        (0, 0), (128 << 10, 1)]
+
+
+@pytest.mark.skipif(bool(need("nbdcopy")), reason=str(need("nbdcopy")))
+def test_nbdcopy_exact(tmp_path: Path, sockdir: str) -> None:
+    src = tmp_path / "src.raw"
+    content = make_file(src, 24 << 20 | 12345, seed=3)  # odd size: a partial last block
+    dst = tmp_path / "dst.raw"
+    dst.write_bytes(b"\xff" * len(content))
+    sock = f"{sockdir}/s"
+    with serve(f"{src}=src", f"{dst}=dst", sock=sock):
+        out = tmp_path / "copy.raw"
+        run("nbdcopy", uri(sock, "src"), str(out))  # multi-conn, parallel requests
+        assert out.read_bytes() == content
+        run("nbdcopy", uri(sock, "src"), uri(sock, "dst"))  # server to server
+    assert dst.read_bytes() == content
+
+
+@pytest.mark.skipif(bool(need("qemu-io", "nbdinfo")), reason=str(need("qemu-io", "nbdinfo")))
+def test_read_only(tmp_path: Path, sockdir: str) -> None:
+    img = tmp_path / "ro.raw"
+    content = make_file(img, 1 << 20)
+    sock = f"{sockdir}/s"
+    with serve("--read-only", "--socket-mode", "0660", f"{img}=ro", sock=sock):
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+        p = run("qemu-io", "-f", "raw", "-c", "write 0 4k", uri(sock, "ro"), ok=False)
+        assert "permission denied" in (p.stdout + p.stderr).lower() or p.returncode != 0
+        with Client(sock).connect("ro") as c:
+            assert c.flags & w.FLAG_READ_ONLY
+            assert c.command(w.CMD_WRITE, 0, 3, data=b"abc").error == w.EPERM
+            assert c.read(0, 4096) == content[:4096]
+    assert img.read_bytes() == content
+
+
+@pytest.mark.skipif(bool(need("nbdinfo")), reason=str(need("nbdinfo")))
+def test_tcp_listen(tmp_path: Path, sockdir: str) -> None:
+    make_file(tmp_path / "t.raw", 1 << 20)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with serve("--listen", f"127.0.0.1:{port}", f"{tmp_path / 't.raw'}=t",
+               sock=f"{sockdir}/s"):
+        p = run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/t")
+        assert p.stdout.strip() == str(1 << 20)
+
+
+def _make_cert(d: str) -> None:
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", "/CN=localhost", "-keyout", f"{d}/server-key.pem",
+        "-out", f"{d}/server-cert.pem")
+    shutil.copy(f"{d}/server-cert.pem", f"{d}/ca-cert.pem")
+
+
+@pytest.mark.skipif(bool(need("nbdinfo", "openssl")), reason=str(need("nbdinfo", "openssl")))
+def test_tls_required(tmp_path: Path, sockdir: str) -> None:
+    img = tmp_path / "t.raw"
+    make_file(img, 1 << 20)
+    certs = str(tmp_path)
+    _make_cert(certs)
+    sock = f"{sockdir}/s"
+    with serve("--tls-cert", f"{certs}/server-cert.pem", "--tls-key",
+               f"{certs}/server-key.pem", "--tls-required", f"{img}=t", sock=sock):
+        plain = run("nbdinfo", "--size", uri(sock, "t"), ok=False)
+        assert plain.returncode != 0
+        tls_uri = (f"nbds+unix:///t?socket={sock}&tls-certificates={certs}"
+                   "&tls-verify-peer=false")
+        assert run("nbdinfo", "--size", tls_uri).stdout.strip() == str(1 << 20)
+        if not need("nbdcopy"):
+            out = tmp_path / "copy.raw"
+            run("nbdcopy", tls_uri, str(out))
+            assert out.read_bytes() == img.read_bytes()
+
+
+def test_sigterm_exits_zero_and_removes_socket(tmp_path: Path, sockdir: str) -> None:
+    make_file(tmp_path / "d.raw", 1 << 20)
+    sock = f"{sockdir}/s"
+    with serve(f"{tmp_path / 'd.raw'}=d", sock=sock) as proc:
+        c = Client(sock).connect("d")
+        c.write(0, b"persist me")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        c.sock.close()
+    assert not os.path.exists(sock)
+    assert (tmp_path / "d.raw").read_bytes()[:10] == b"persist me"
+
+
+# --- in-process behaviour -------------------------------------------------------------------
+def test_replies_out_of_order_and_concurrent(inproc: Callable[..., InProcess]) -> None:
+    slow, fast = MemLayer(1 << 20, delay=0.3), MemLayer(1 << 20)
+    srv: InProcess = inproc({"slow": slow, "fast": fast})
+    with Client(srv.path).connect("slow") as c:
+        c.write(0, b"a" * 100)
+        start = time.monotonic()
+        # Eight slow reads, then a write: the write's reply overtakes them.
+        for h in range(10, 18):
+            c.send(w.REQUEST.pack(w.REQUEST_MAGIC, 0, w.CMD_READ, h, 0, 100))
+        c.send(w.REQUEST.pack(w.REQUEST_MAGIC, 0, w.CMD_WRITE, 99, 200, 1) + b"z")
+        first = c.reply()
+        assert first.handle == 99 and first.error == 0
+        handles = {c.reply(100).handle for _ in range(8)}
+        assert handles == set(range(10, 18))
+        assert time.monotonic() - start < 1.5  # concurrent, not 8 x 0.3 s
+
+
+def test_cache_flush_and_block_status_reach_layer(inproc: Callable[..., InProcess]) -> None:
+    layer = MemLayer(1 << 20)
+    srv: InProcess = inproc({"m": layer})
+    with Client(srv.path).connect("m", contexts=("base:allocation",
+                                                 "qemu:allocation-depth")) as c:
+        assert c.command(w.CMD_CACHE, 4096, 8192).error == 0
+        assert c.command(w.CMD_FLUSH).error == 0
+        c.write(0, b"q" * 10)
+        r = c.command(w.CMD_BLOCK_STATUS, 0, 1 << 20, flags=w.CMD_FLAG_REQ_ONE)
+        assert r.error == 0 and len(r.chunks) == 2
+        by_id = {w.U32.unpack_from(p)[0]: p[4:] for _, _, p in r.chunks}
+        assert {c.contexts[i] for i in by_id} == {"base:allocation", "qemu:allocation-depth"}
+        for ctx_id, payload in by_id.items():
+            assert len(payload) == 8  # REQ_ONE: a single descriptor
+            length, flags = w.BLOCK_DESCRIPTOR.unpack(payload)
+            assert length == 64 << 10
+            assert flags == (1 if c.contexts[ctx_id] == "qemu:allocation-depth" else 0)
+    assert layer.prefetched == [(4096, 8192)] and layer.flushes >= 1
+
+
+def test_shutdown_finishes_inflight_then_closes(inproc: Callable[..., InProcess]) -> None:
+    layer = MemLayer(1 << 20, delay=0.5)
+    srv: InProcess = inproc({"m": layer})
+    c = Client(srv.path).connect("m")
+    c.send(w.REQUEST.pack(w.REQUEST_MAGIC, 0, w.CMD_READ, 7, 0, 4096))
+    time.sleep(0.1)
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()
+    r = c.reply(4096)
+    assert r.handle == 7 and r.error == 0 and r.data == bytes(4096)
+    with pytest.raises((ConnectionError, OSError)):
+        c.command(w.CMD_READ, 0, 1)  # ESHUTDOWN reply or closed: not served
+        c.command(w.CMD_READ, 0, 1)
+        c.recv_exact(1)
+    stopper.join(30)
+    assert layer.closed and layer.flushes >= 1
+    c.sock.close()
