@@ -15,6 +15,7 @@ import click
 from bootcache.errors import BootcacheError, ImageFormatError
 from bootcache.layers.chain import ChainPolicy, is_uri, open_layer, probe_format
 from bootcache.qcow2 import format as fmt
+from bootcache.qcow2.cache_options import CACHE_KEYS, cache_extension_from_options
 from bootcache.qcow2.check import CheckResult, check_image
 from bootcache.qcow2.create import CreateOptions, create_qcow2, create_raw
 from bootcache.qcow2.image import COMPRESSED, DATA, UNALLOC, ZERO, Qcow2Image
@@ -72,7 +73,7 @@ def _emit_json(obj: Any) -> None:
 # -- create -------------------------------------------------------------------
 
 CREATE_KEYS = {"cluster_size", "compat", "lazy_refcounts", "refcount_bits", "compression_type",
-               "backing_file", "backing_fmt", "extended_l2", "cache_img_quota", "size"}
+               "backing_file", "backing_fmt", "extended_l2", "size", *CACHE_KEYS}
 
 
 def create_options(opts: dict[str, str]) -> CreateOptions:
@@ -94,6 +95,10 @@ def create_options(opts: dict[str, str]) -> CreateOptions:
         co.compression_type = opts["compression_type"]
     co.backing_file = opts.get("backing_file")
     co.backing_fmt = opts.get("backing_fmt")
+    cache = cache_extension_from_options(opts, parse_size)
+    if cache is not None:
+        co.extensions = ((fmt.EXT_CACHE, cache.encode()),)
+        co.autoclear = fmt.AUTOCLEAR_CACHE
     return co
 
 
@@ -117,12 +122,27 @@ async def _backing_size(image: str, backing: str, backing_fmt: str | None) -> in
 @click.option("-o", "options", help="Format options key=value,...")
 @click.option("-u", "unsafe", is_flag=True, help="Do not open the backing file.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet.")
+@click.option("--cache-quota", help="Make a cache image with this quota (e.g. 100M).")
+@click.option("--cache-policy", type=click.Choice(["stop", "lru"]),
+              help="What a full cache does: stop caching (default) or evict LRU clusters.")
+@click.option("--cache-on-stale", type=click.Choice(["reset", "refuse"]),
+              help="When the base changed: drop the cache (default) or refuse to serve.")
 @click.argument("filename")
 @click.argument("size", required=False)
 def create(image_fmt: str, backing: str | None, backing_fmt: str | None, options: str | None,
-           unsafe: bool, quiet: bool, filename: str, size: str | None) -> None:
-    """Create an image (sizes take K, M, G, T suffixes)."""
+           unsafe: bool, quiet: bool, cache_quota: str | None, cache_policy: str | None,
+           cache_on_stale: str | None, filename: str, size: str | None) -> None:
+    """Create an image (sizes take K, M, G, T suffixes).
+
+    A cache image is created with -o cache_img_quota=BYTES or --cache-quota.
+    """
     opts = parse_options(options)
+    for key, value in (("cache_img_quota", cache_quota), ("cache_policy", cache_policy),
+                       ("cache_on_stale", cache_on_stale)):
+        if value is not None:
+            opts[key] = value
+    if any(k in opts for k in CACHE_KEYS) and "cache_img_quota" not in opts:
+        raise click.UsageError("cache options need a quota (--cache-quota or cache_img_quota)")
     if "size" in opts and size is None:
         size = opts.pop("size")
     opts.pop("size", None)
@@ -143,6 +163,8 @@ def create(image_fmt: str, backing: str | None, backing_fmt: str | None, options
             nbytes = run(_backing_size(filename, co.backing_file, co.backing_fmt))
         else:
             raise click.UsageError("a size is needed (or a backing file to take it from)")
+        if co.extensions and not co.backing_file:
+            raise click.UsageError("a cache image needs a base: give -b BACKING")
         create_qcow2(filename, nbytes, co)
     if not quiet:
         extra = f" backing_file={co.backing_file}" if co.backing_file else ""

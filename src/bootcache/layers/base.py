@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from bootcache.errors import ReadOnlyError
 
@@ -73,6 +74,10 @@ class BlockLayer(ABC):
         """Describe allocation from ``offset``; returns at least one extent,
         covering a prefix of (or the whole) requested range."""
         return [Extent(offset, length, data=True, zero=False)]
+
+    def identity(self) -> dict[str, Any]:
+        """Cheap facts identifying the content version of this layer's storage."""
+        return {}
 
     async def prefetch(self, offset: int, length: int) -> None:
         """Bring a range into the nearest cache (NBD_CMD_CACHE); default: nothing."""

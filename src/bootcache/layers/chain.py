@@ -15,8 +15,9 @@ from urllib.parse import urlsplit
 
 from bootcache.errors import BackingPolicyError, BootcacheError, UnsupportedFeatureError
 from bootcache.layers.base import BlockLayer
+from bootcache.layers.cache import CacheLayer
 from bootcache.layers.raw import RawLayer
-from bootcache.qcow2.format import MAGIC
+from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE, MAGIC
 from bootcache.qcow2.image import Qcow2Image
 from bootcache.sources.base import ByteSource
 from bootcache.sources.file import FileSource
@@ -37,6 +38,8 @@ class ChainPolicy:
     allowed_schemes: frozenset[str] = field(default_factory=lambda: REMOTE_SCHEMES)
     max_depth: int = 16
     trusted: bool = False
+    #: Open cache images as caches (filling them on reads); else as plain qcow2.
+    activate_caches: bool = True
 
     @classmethod
     def from_env(cls) -> ChainPolicy:
@@ -97,8 +100,19 @@ async def _open(name: str, *, writable: bool, fmt: str | None, policy: ChainPoli
             return await RawLayer.open(source, read_only=not writable)
         if fmt != "qcow2":
             raise UnsupportedFeatureError(f"{name}: unsupported format {fmt!r}")
+        if writable and policy.activate_caches:
+            keep_autoclear |= AUTOCLEAR_CACHE  # a cache stays a cache when opened as one
         img = await Qcow2Image.open(source, writable=writable, keep_autoclear=keep_autoclear,
                                     name=name)
+        is_cache = (img.header.find_extension(EXT_CACHE) is not None and follow
+                    and policy.activate_caches)
+        if is_cache and not writable:
+            # A cache fills itself on reads, so it is always opened for writing
+            # (clients still cannot write to it).
+            await source.close()
+            source = await open_source(name, writable=True)
+            img = await Qcow2Image.open(source, writable=True, keep_autoclear=AUTOCLEAR_CACHE,
+                                        name=name)
     except BaseException:
         await source.close()
         raise
@@ -109,6 +123,12 @@ async def _open(name: str, *, writable: bool, fmt: str | None, policy: ChainPoli
             img.backing = await _open(target, writable=False, fmt=img.header.backing_format,
                                       policy=policy, allowed=allowed, seen=seen,
                                       keep_autoclear=0, follow=True)
+        except BaseException:
+            await img.close()
+            raise
+    if is_cache:
+        try:
+            return await CacheLayer.open(img)
         except BaseException:
             await img.close()
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from bootcache.errors import ReadOnlyError
 from bootcache.layers.base import BlockLayer, Extent
 from bootcache.sources.base import ByteSource
@@ -60,6 +62,9 @@ class RawLayer(BlockLayer):
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         return [Extent(offset, length, data=True, zero=False)]
+
+    def identity(self) -> dict[str, Any]:
+        return self.source.identity()
 
     async def close(self) -> None:
         await self.source.close()

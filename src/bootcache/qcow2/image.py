@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from array import array
+from typing import Any
 
 from bootcache.errors import (
     ImageCorruptError,
@@ -152,6 +153,9 @@ class Qcow2Image(BlockLayer):
     def _require_writable(self) -> None:
         if not self.writable:
             raise ReadOnlyError(f"{self.name}: image is open read-only")
+
+    def identity(self) -> dict[str, Any]:
+        return self.source.identity()
 
     # -- metadata overlap checks ------------------------------------------------
 
@@ -474,7 +478,8 @@ class Qcow2Image(BlockLayer):
         if pos != start:
             old = await self._old_cluster(table[l2i], start)
             buf[:pos - start] = old[:pos - start]
-        if stop != end:
+        if stop != end and stop < self.size:
+            # (Past the end of the disk the tail is padding: zeros, nothing to read.)
             last = (end - start) >> cb
             old = await self._old_cluster(table[l2i + last - 1], end - cs)
             buf[stop - start:] = old[stop - (end - cs):]
@@ -499,6 +504,49 @@ class Qcow2Image(BlockLayer):
             self.pending_frees.append((first, count, False))
         elif e & L2E_OFFSET_MASK:
             self.pending_frees.append(((e & L2E_OFFSET_MASK) >> self.cb, 1, True))
+
+    async def unmap_clusters(self, clusters: list[int]) -> None:
+        """Make guest clusters unallocated again (reads go to the backing layer).
+
+        Used by cache eviction; the host clusters are freed (and their space
+        punched out of the file) at the next flush.
+        """
+        self._require_writable()
+        async with self.lock:
+            for ci in sorted(clusters):
+                l1i, l2i = divmod(ci, self.l2_entries)
+                table = await self._l2_table(l1i)
+                if table is None or not table[l2i]:
+                    continue
+                _, table = await self._l2_table_for_write(l1i)
+                self._drop_reference(table[l2i])
+                table[l2i] = 0
+                self.l2_cache.mark_dirty(table_offset(self, l1i), table)
+
+    async def allocated_clusters(self) -> list[int]:
+        """Guest clusters with data in this image (not zero, not unallocated)."""
+        out: list[int] = []
+        per = self.l2_entries
+        for l1i in range(len(self.l1)):
+            table = await self._l2_table(l1i)
+            if table is None:
+                continue
+            base = l1i * per
+            step = 2 if self.extended else 1
+            out.extend(base + i // step for i in range(0, len(table), step)
+                       if table[i] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED)
+                       and not table[i] & OFLAG_ZERO)
+        return out
+
+    async def rewrite_header(self) -> None:
+        """Rewrite the header cluster from ``self.header`` (extensions kept)."""
+        self._require_writable()
+        h = self.header
+        h.refcount_table_offset = self.refcounts.table_offset
+        h.refcount_table_clusters = len(self.refcounts.table) * 8 // self.cs
+        data = fmt.serialize_header(h)
+        await self.source.pwrite(0, data)
+        await self.source.flush()
 
     # -- zeroing and discard ---------------------------------------------------
 

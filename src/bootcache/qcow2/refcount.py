@@ -100,6 +100,7 @@ class Refcounts:
                 blk = await self._create_block(b)
             base = b * self.per_block
             i0, i1 = c - base, min(end - base, self.per_block)
+            old = [blk.get(i) for i in range(i0, i1)]
             for i in range(i0, i1):
                 v = blk.get(i) + delta
                 if v < 0:
@@ -111,7 +112,13 @@ class Refcounts:
                         f"{self.bits} bits")
                 blk.set(i, v)
             lo, data = blk.byte_span(i0, i1 - 1)
-            await self.source.pwrite(self._block_offset(b) + lo, data)
+            try:
+                await self.source.pwrite(self._block_offset(b) + lo, data)
+            except BaseException:
+                # Keep memory equal to the disk (e.g. on ENOSPC).
+                for i, v in zip(range(i0, i1), old, strict=True):
+                    blk.set(i, v)
+                raise
             if delta < 0:
                 self.free_hint = min(self.free_hint, c)
             c = base + i1

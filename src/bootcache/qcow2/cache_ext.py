@@ -1,0 +1,97 @@
+"""The cache-image header extension (docs/spec/cache-image.md), encoded and decoded.
+
+The extension is a fixed 96-byte part followed by the base identity, a
+UTF-8 JSON object. All integers are big endian.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from bootcache.errors import ImageFormatError
+
+VERSION = 1
+POLICY_STOP, POLICY_LRU = 0, 1
+POLICY_NAMES = {POLICY_STOP: "stop", POLICY_LRU: "lru"}
+ON_STALE_RESET, ON_STALE_REFUSE = 0, 1
+ON_STALE_NAMES = {ON_STALE_RESET: "reset", ON_STALE_REFUSE: "refuse"}
+MAX_IDENTITY = 1024
+
+# version, flags, quota, policy, high, low, on_stale, reserved(4),
+# hits, misses, bytes_from_base, bytes_from_cache, clusters_stored, evictions,
+# used_bytes, resets, identity_length, reserved(4)
+_FIXED = struct.Struct(">IIQBBBB4xQQQQQQQQI4x")
+FIXED_SIZE = _FIXED.size  # 96
+
+COUNTERS = ("hits", "misses", "bytes_from_base", "bytes_from_cache", "clusters_stored",
+            "evictions", "used_bytes", "resets")
+
+
+@dataclass
+class CacheExtension:
+    """What a cache image records about itself."""
+
+    quota: int
+    policy: int = POLICY_STOP
+    high_watermark: int = 95
+    low_watermark: int = 80
+    on_stale: int = ON_STALE_RESET
+    hits: int = 0
+    misses: int = 0
+    bytes_from_base: int = 0
+    bytes_from_cache: int = 0
+    clusters_stored: int = 0
+    evictions: int = 0
+    used_bytes: int = 0
+    resets: int = 0
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.policy not in POLICY_NAMES:
+            raise ImageFormatError(f"cache extension: unknown quota policy {self.policy}")
+        if self.on_stale not in ON_STALE_NAMES:
+            raise ImageFormatError(f"cache extension: unknown stale-base policy {self.on_stale}")
+        if not 0 < self.low_watermark <= self.high_watermark <= 100:
+            raise ImageFormatError(
+                f"cache extension: watermarks {self.low_watermark}/{self.high_watermark} "
+                "must satisfy 0 < low <= high <= 100")
+
+    def encode(self) -> bytes:
+        self.validate()
+        ident = json.dumps(self.identity, sort_keys=True, separators=(",", ":")).encode()
+        if len(ident) > MAX_IDENTITY:
+            raise ImageFormatError("cache extension: base identity too long")
+        return _FIXED.pack(VERSION, 0, self.quota, self.policy, self.high_watermark,
+                           self.low_watermark, self.on_stale, self.hits, self.misses,
+                           self.bytes_from_base, self.bytes_from_cache, self.clusters_stored,
+                           self.evictions, self.used_bytes, self.resets, len(ident)) + ident
+
+    @classmethod
+    def decode(cls, data: bytes) -> CacheExtension:
+        if len(data) < FIXED_SIZE:
+            raise ImageFormatError(f"cache extension: {len(data)} bytes, need {FIXED_SIZE}")
+        (version, _flags, quota, policy, high, low, on_stale, hits, misses, from_base,
+         from_cache, stored, evictions, used, resets, ident_len) = _FIXED.unpack_from(data)
+        if version != VERSION:
+            raise ImageFormatError(f"cache extension: unsupported version {version}")
+        if ident_len > MAX_IDENTITY or FIXED_SIZE + ident_len > len(data):
+            raise ImageFormatError("cache extension: base identity overruns the extension")
+        raw = data[FIXED_SIZE:FIXED_SIZE + ident_len]
+        try:
+            identity = json.loads(raw) if raw else {}
+        except ValueError as e:
+            raise ImageFormatError("cache extension: base identity is not JSON") from e
+        if not isinstance(identity, dict):
+            raise ImageFormatError("cache extension: base identity is not a JSON object")
+        ext = cls(quota=quota, policy=policy, high_watermark=high, low_watermark=low,
+                  on_stale=on_stale, hits=hits, misses=misses, bytes_from_base=from_base,
+                  bytes_from_cache=from_cache, clusters_stored=stored, evictions=evictions,
+                  used_bytes=used, resets=resets, identity=identity)
+        ext.validate()
+        return ext
+
+    def counters(self) -> dict[str, int]:
+        return {name: int(getattr(self, name)) for name in COUNTERS}
