@@ -87,7 +87,7 @@ class CacheLayer(BlockLayer):
             log.warning("%s; dropping %d cached clusters", msg, len(self.cached))
             await self._drop_all()
             self.ext.resets += 1
-        elif not consistent and self.cached:
+        elif not consistent:
             # A writer that does not know the extension opened the image (it
             # cleared our autoclear bit): every cached cluster must be proven.
             await self._revalidate()
@@ -109,6 +109,10 @@ class CacheLayer(BlockLayer):
         return ident
 
     async def _revalidate(self) -> None:
+        # Zero clusters are never written by a cache: they can only hide base data.
+        zeros = await self.img.allocated_clusters(zero=True)
+        if zeros:
+            await self.img.unmap_clusters(zeros)
         bad = []
         for ci in list(self.cached):
             off = ci * self.cs

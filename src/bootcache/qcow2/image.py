@@ -523,8 +523,8 @@ class Qcow2Image(BlockLayer):
                 table[l2i] = 0
                 self.l2_cache.mark_dirty(table_offset(self, l1i), table)
 
-    async def allocated_clusters(self) -> list[int]:
-        """Guest clusters with data in this image (not zero, not unallocated)."""
+    async def allocated_clusters(self, *, zero: bool = False) -> list[int]:
+        """Guest clusters with data in this image (with ``zero``: zero clusters)."""
         out: list[int] = []
         per = self.l2_entries
         for l1i in range(len(self.l1)):
@@ -533,6 +533,10 @@ class Qcow2Image(BlockLayer):
                 continue
             base = l1i * per
             step = 2 if self.extended else 1
+            if zero:
+                out.extend(base + i for i in range(len(table)) if table[i] & OFLAG_ZERO
+                           and not table[i] & OFLAG_COMPRESSED and not self.extended)
+                continue
             out.extend(base + i // step for i in range(0, len(table), step)
                        if table[i] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED)
                        and not table[i] & OFLAG_ZERO)
