@@ -8,6 +8,7 @@ the classes from here or use the fixtures through a conftest of their own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
 import json
@@ -21,7 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -333,28 +334,23 @@ _AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
              "AWS_SHARED_CREDENTIALS_FILE")
 
 
-def put_s3(weed: WeedServer, bucket: str, key: str, data: bytes) -> None:
-    """Upload with a plain aiobotocore client (not the code under test)."""
-    import asyncio
-
+def _with_s3_client(weed: WeedServer, use: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``use(client)`` with a plain aiobotocore client (not the code under
+    test), in a thread of its own so it works inside a test's event loop too."""
     from aiobotocore.session import get_session
 
-    async def go() -> None:
-        session = get_session()
-        async with session.create_client(
+    async def go() -> Any:
+        async with get_session().create_client(
                 "s3", endpoint_url=weed.endpoint, region_name="us-east-1",
                 aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY) as c:
-            with contextlib.suppress(c.exceptions.BucketAlreadyOwnedByYou,
-                                     c.exceptions.BucketAlreadyExists):
-                await c.create_bucket(Bucket=bucket)
-            await c.put_object(Bucket=bucket, Key=key, Body=data)
+            return await use(c)
 
-    # A thread of its own, so this works from inside a test's event loop too.
+    result: list[Any] = []
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            asyncio.run(go())
+            result.append(asyncio.run(go()))
         except BaseException as e:
             failure.append(e)
 
@@ -363,6 +359,36 @@ def put_s3(weed: WeedServer, bucket: str, key: str, data: bytes) -> None:
     worker.join()
     if failure:
         raise failure[0]
+    return result[0]
+
+
+def put_s3(weed: WeedServer, bucket: str, key: str, data: bytes) -> None:
+    """Create the bucket if needed and upload ``data`` as ``key``."""
+    async def use(c: Any) -> None:
+        with contextlib.suppress(c.exceptions.BucketAlreadyOwnedByYou,
+                                 c.exceptions.BucketAlreadyExists):
+            await c.create_bucket(Bucket=bucket)
+        await c.put_object(Bucket=bucket, Key=key, Body=data)
+
+    _with_s3_client(weed, use)
+
+
+def wait_s3_readable(weed: WeedServer, bucket: str, key: str, timeout: float = 60) -> None:
+    """After a restart the gateway answers before its volumes are back: wait for data."""
+    async def use(c: Any) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                r = await c.get_object(Bucket=bucket, Key=key, Range="bytes=0-0")
+                async with r["Body"] as body:
+                    await body.read()
+                return True
+            except Exception:
+                await asyncio.sleep(0.2)
+        return False
+
+    if not _with_s3_client(weed, use):
+        raise TimeoutError(f"s3://{bucket}/{key} not readable after {timeout}s")
 
 
 # -- fixtures ---------------------------------------------------------------
@@ -427,3 +453,121 @@ def weed_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[We
         yield server
     finally:
         server.stop()
+
+
+# -- NBD servers ------------------------------------------------------------
+
+def make_tls_dir(path: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client
+    certificate, laid out the way qemu-nbd, nbdkit and libnbd read such a directory."""
+    path.mkdir(parents=True, exist_ok=True)
+
+    def ssl_cmd(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=path, check=True, capture_output=True)
+
+    ssl_cmd("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-subj", "/CN=bootcache test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ssl_cmd("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server-key.pem",
+            "-out", "server.csr", "-subj", "/CN=localhost")
+    (path / "ext.cnf").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    ssl_cmd("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-days", "2", "-out", "server-cert.pem", "-extfile", "ext.cnf")
+    # A client certificate: qemu-nbd verifies its peers by default.
+    ssl_cmd("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client-key.pem",
+            "-out", "client.csr", "-subj", "/CN=bootcache test client")
+    (path / "client.cnf").write_text("keyUsage=critical,digitalSignature\n"
+                                      "extendedKeyUsage=clientAuth\n")
+    ssl_cmd("x509", "-req", "-in", "client.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-days", "2", "-out", "client-cert.pem",
+            "-extfile", "client.cnf")
+    return path
+
+
+def _unix_ready(sock: Path) -> bool:
+    if not sock.exists():
+        return False
+    with socket.socket(socket.AF_UNIX) as s:
+        return s.connect_ex(str(sock)) == 0
+
+
+class NbdServer(Daemon):
+    """An NBD server process on a loopback port or a Unix socket."""
+
+    def __init__(self, workdir: Path, argv: list[str], *, name: str, export: str,
+                 unix: bool, tls: bool) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.export = export
+        self.sock = workdir / f"{name}.sock" if unix else None
+        self.port = 0 if unix else free_port()
+        self.tls = tls
+        super().__init__(argv, workdir / f"{name}.log",
+                         (lambda: _unix_ready(self.sock)) if self.sock
+                         else (lambda: tcp_open(self.port)))
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.sock is not None and self.sock.exists():
+            self.sock.unlink()  # left behind by a killed server
+        super().start(timeout)
+
+    @property
+    def uri(self) -> str:
+        scheme = "nbds" if self.tls else "nbd"
+        if self.sock is not None:
+            return f"{scheme}+unix:///{self.export}?socket={self.sock}"
+        return f"{scheme}://{LOOPBACK}:{self.port}/{self.export}"
+
+
+class QemuNbdServer(NbdServer):
+    """qemu-nbd exporting ``image`` read-only, up to ``shared`` clients at once."""
+
+    def __init__(self, workdir: Path, image: Path, *, fmt: str = "raw", export: str = "base",
+                 unix: bool = False, shared: int = 8, tls_dir: Path | None = None) -> None:
+        super().__init__(workdir, [], name="qemu-nbd", export=export, unix=unix,
+                         tls=tls_dir is not None)
+        argv = ["qemu-nbd", "--read-only", "--persistent", f"--shared={shared}",
+                f"--format={fmt}", f"--export-name={export}", "--cache=writeback"]
+        argv += [f"--socket={self.sock}"] if self.sock else \
+            [f"--bind={LOOPBACK}", f"--port={self.port}"]
+        if tls_dir is not None:
+            argv += ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={tls_dir}",
+                     "--tls-creds=tls0"]
+        self.argv = [*argv, str(image)]
+
+
+class NbdkitServer(NbdServer):
+    """nbdkit with a plugin and filters, e.g. ``["file", str(path)]`` + ``["delay"]``."""
+
+    def __init__(self, workdir: Path, plugin: list[str], *, filters: tuple[str, ...] = (),
+                 export: str = "base", unix: bool = False, tls_dir: Path | None = None) -> None:
+        super().__init__(workdir, [], name="nbdkit", export=export, unix=unix,
+                         tls=tls_dir is not None)
+        argv = ["nbdkit", "--foreground", "--exit-with-parent", "--readonly"]
+        argv += ["--unix", str(self.sock)] if self.sock else \
+            ["--ipaddr", LOOPBACK, "--port", str(self.port)]
+        if tls_dir is not None:
+            argv += ["--tls=require", f"--tls-certificates={tls_dir}"]
+        argv += [f"--filter={f}" for f in filters]
+        self.argv = [*argv, *plugin]
+
+
+@pytest.fixture(scope="session")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    return make_tls_dir(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def nbd_servers() -> Iterator[list[NbdServer]]:
+    """Servers a test starts (append them); all are stopped at the end."""
+    servers: list[NbdServer] = []
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop(signal.SIGKILL)

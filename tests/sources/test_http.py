@@ -241,3 +241,7 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="deadline"):
         RemoteOptions.from_mapping({"timeout": "10", "deadline": "5"})
     assert RemoteOptions.from_mapping({"retries": "3", "deadline": "60"}).retries == 3
+    # Dependent defaults follow an explicit timeout.
+    short = RemoteOptions.from_mapping({"timeout": "1"})
+    assert (short.connect_timeout, short.deadline) == (1.0, RemoteOptions().deadline)
+    assert RemoteOptions.from_mapping({"timeout": 100}).deadline == 100

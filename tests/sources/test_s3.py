@@ -15,7 +15,7 @@ from bootcache.errors import SourceError
 from bootcache.sources.resilience import RemoteOptions, SourceChangedError
 from bootcache.sources.s3 import S3Source, parse_s3_url
 
-from .conftest import S3_ACCESS_KEY, S3_SECRET_KEY, WeedServer, put_s3
+from .conftest import S3_ACCESS_KEY, S3_SECRET_KEY, WeedServer, put_s3, wait_s3_readable
 
 FAST = RemoteOptions(timeout=1.0, connect_timeout=0.5, deadline=3.0, retries=20,
                      backoff=0.02, backoff_max=0.2)
@@ -157,6 +157,7 @@ def test_server_down_then_back(weed_private: WeedServer) -> None:
             assert time.monotonic() - t0 < FAST.deadline + 0.5
 
             await asyncio.to_thread(weed_private.start, 60)
+            await asyncio.to_thread(wait_s3_readable, weed_private, "images", "base.img")
             assert await src.pread(len(data) - 4096, 4096) == data[-4096:]
             assert await src.pread(0, len(data)) == data
         finally:

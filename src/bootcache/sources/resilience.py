@@ -75,6 +75,11 @@ class RemoteOptions:
                 values[key] = kind(raw)
             except (TypeError, ValueError):
                 raise ValueError(f"source option {key}={raw!r}: not a number") from None
+        # Defaults that follow an explicit timeout, so "timeout=1" alone is valid.
+        if "timeout" in values:
+            base = cls()
+            values.setdefault("connect_timeout", min(base.connect_timeout, values["timeout"]))
+            values.setdefault("deadline", max(base.deadline, values["timeout"]))
         return cls(**values).checked()
 
     def checked(self) -> RemoteOptions:
@@ -269,6 +274,8 @@ class RemoteSource(ByteSource):
         self._size = 0
         self._identity: dict[str, Any] = {}
         self._closed = False
+        #: Largest single request; a source may lower it to what its server allows.
+        self.max_request = options.max_request
 
     async def size(self) -> int:
         return self._size
@@ -293,7 +300,7 @@ class RemoteSource(ByteSource):
         offset, inside = clamp_read(self._size, offset, length)
         if inside == 0:
             return bytes(length)
-        pieces = split_read(offset, inside, self.options.max_request)
+        pieces = split_read(offset, inside, self.max_request)
         if len(pieces) == 1:
             data = await self._fetch_retried(offset, inside)
         else:
