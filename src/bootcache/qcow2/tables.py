@@ -163,9 +163,14 @@ class TableCache(Generic[T]):
         await self._shrink()
 
     def mark_dirty(self, offset: int, table: T) -> None:
-        """Record that ``table`` was modified (re-adding it if it was evicted)."""
-        if offset not in self._tables:
-            self._tables[offset] = table
+        """Record that ``table`` was modified.
+
+        The caller's object wins: writers hold the image lock, so if the
+        table was evicted and reloaded meanwhile, the reloaded copy lacks
+        exactly the caller's changes.
+        """
+        self._tables[offset] = table
+        self._tables.move_to_end(offset)
         self.dirty.add(offset)
 
     def drop(self, offset: int) -> None:
