@@ -407,3 +407,31 @@ def map_cmd(output: str, filename: str) -> None:
 
 
 COMMANDS = [create, info, check, map_cmd]
+
+
+# -- resize ---------------------------------------------------------------------
+
+async def grow_image(path: str, size_arg: str) -> int:
+    layer = await open_layer(path, writable=True, policy=ChainPolicy(trusted=True),
+                             follow_backing=False)
+    try:
+        if not isinstance(layer, Qcow2Image):
+            raise ImageFormatError(f"{path}: only qcow2 images can be resized")
+        new = layer.size + parse_size(size_arg[1:]) if size_arg.startswith("+") \
+            else parse_size(size_arg)
+        await layer.grow(new)
+        return new
+    finally:
+        await layer.close()
+
+
+@click.command()
+@click.argument("filename")
+@click.argument("size")
+def resize(filename: str, size: str) -> None:
+    """Grow a qcow2 image to SIZE (or by +SIZE)."""
+    new = run(grow_image(filename, size))
+    click.echo(f"Image resized to {new} bytes.")
+
+
+COMMANDS.append(resize)

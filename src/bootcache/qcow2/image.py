@@ -542,6 +542,45 @@ class Qcow2Image(BlockLayer):
                        and not table[i] & OFLAG_ZERO)
         return out
 
+    async def grow(self, new_size: int) -> None:
+        """Enlarge the virtual disk, moving the L1 table if it must grow.
+
+        The new L1 table is written and made durable before the header points
+        to it; the old one is freed only after that.
+        """
+        self._require_writable()
+        if new_size < self.size:
+            raise UnsupportedFeatureError(f"{self.name}: shrinking is not supported")
+        async with self.lock:
+            await self.flush_locked()
+            need = -(-new_size // (self.cs * self.l2_entries))
+            if need * 8 > fmt.MAX_L1_BYTES:
+                raise UnsupportedFeatureError(f"{self.name}: {new_size} bytes needs an L1 "
+                                              "table over 32 MiB; use larger clusters")
+            h = self.header
+            old_off, old_clusters = h.l1_table_offset, -(-h.l1_size * 8 // self.cs)
+            if need > h.l1_size:
+                n_clusters = -(-need * 8 // self.cs)
+                start, got = await self.refcounts.allocate(n_clusters)
+                while got < n_clusters:  # need a contiguous run: give back and retry further on
+                    await self.refcounts.update(start, got, -1)
+                    self.refcounts.free_hint = start + got
+                    start, got = await self.refcounts.allocate(n_clusters)
+                new_l1 = array("Q", self.l1)
+                new_l1.extend([0] * (n_clusters * self.cs // 8 - len(new_l1)))
+                await self.source.pwrite(start << self.cb, encode_u64(new_l1))
+                await self.source.flush()
+                self.l1 = new_l1[:need]
+                h.l1_size, h.l1_table_offset = need, start << self.cb
+            h.size = new_size
+            await self.source.pwrite(24, new_size.to_bytes(8, "big"))
+            await self.source.pwrite(fmt.OFF_L1_SIZE, h.l1_size.to_bytes(4, "big")
+                                     + h.l1_table_offset.to_bytes(8, "big"))
+            await self.source.flush()
+            if h.l1_table_offset != old_off and old_clusters:
+                await self.refcounts.update(old_off >> self.cb, old_clusters, -1)
+                await self.source.flush()
+
     async def rewrite_header(self) -> None:
         """Rewrite the header cluster from ``self.header`` (extensions kept)."""
         self._require_writable()
