@@ -1,0 +1,131 @@
+"""Acceptance 3 over a local base: 32 concurrent readers of one cold region
+fetch each cluster from the base exactly once (single flight).
+
+The base layer's ``pread`` is wrapped to count reads and to be slow, so the
+readers really overlap while fetches are in flight. The same test over
+nbdkit, counted by its log filter, is in test_cache_nbd.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from bootcache.layers.base import BlockLayer
+from bootcache.layers.chain import open_layer
+
+from .conftest import (
+    CLUSTER,
+    MiB,
+    assert_bytes,
+    assert_qemu_check,
+    cache_stats,
+    cached_bytes,
+    clusters_of,
+    create_cache,
+    make_base,
+)
+
+
+async def reader(layer: BlockLayer, base: bytes, start: int, end: int, first: int,
+                 step: int) -> set[int]:
+    """Read [first, end) in chunks of ``step``, then [start, first); check every byte."""
+    touched: set[int] = set()
+    for lo, hi in ((first, end), (start, first)):
+        off = lo
+        while off < hi:
+            n = min(step, hi - off)
+            data = await layer.pread(off, n)
+            assert_bytes(data, base[off:off + n], f"read {off}+{n}")
+            touched.update(range(off // CLUSTER, (off + n - 1) // CLUSTER + 1))
+            off += n
+    return touched
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005])
+def test_32_readers_one_fetch_per_cluster(tmp_path: Path, delay: float) -> None:
+    size = 8 * MiB
+    base = make_base(tmp_path / "base.raw", size, seed=21)
+    cache = tmp_path / "cache.qcow2"
+    create_cache(cache, "base.raw", quota="100M")
+    rng = random.Random(delay)
+    start, end = 2 * MiB + 1234, 4 * MiB - 999
+
+    async def main() -> tuple[list[tuple[int, int]], set[int], dict[str, int]]:
+        layer = await open_layer(str(cache))
+        try:
+            below = layer.base  # type: ignore[attr-defined]
+            reads: list[tuple[int, int]] = []
+            real = below.pread
+
+            async def counted(offset: int, length: int) -> bytes:
+                reads.append((offset, length))
+                if delay:
+                    await asyncio.sleep(delay)
+                data: bytes = await real(offset, length)
+                return data
+
+            below.pread = counted
+            tasks = []
+            for k in range(32):
+                # Different alignments: odd byte offsets, sector and cluster multiples.
+                first = start + rng.choice([k, 511 * k, 4096 * k, CLUSTER * k + 1,
+                                            rng.randrange(end - start)])
+                first = min(first, end - 1)
+                step = rng.choice([1000 + k, 4096, CLUSTER, CLUSTER + 17, 3 * CLUSTER - 5])
+                tasks.append(reader(layer, base, start, end, first, step))
+            touched = await asyncio.gather(*tasks)
+            stats = layer.stats()  # type: ignore[attr-defined]
+            return reads, set().union(*touched), stats
+        finally:
+            await layer.close()
+
+    reads, wanted, stats = asyncio.run(main())
+    counts = clusters_of(reads)
+    twice = {ci: c for ci, c in counts.items() if c > 1}
+    assert not twice, f"clusters fetched more than once: {twice}"
+    assert set(counts) == wanted
+    assert all(off % CLUSTER == 0 for off, _ in reads), "fetches must be cluster aligned"
+    assert stats["bytes_from_base"] == len(wanted) * CLUSTER
+    assert cached_bytes(cache) == len(wanted) * CLUSTER
+    assert cache_stats(cache)["bytes_from_base"] == len(wanted) * CLUSTER
+    assert_qemu_check(cache)
+
+
+def test_concurrent_readers_of_overlapping_regions(tmp_path: Path) -> None:
+    """Readers of different but overlapping regions still share fetches."""
+    size = 4 * MiB
+    base = make_base(tmp_path / "base.raw", size, seed=22)
+    cache = tmp_path / "cache.qcow2"
+    create_cache(cache, "base.raw", quota="100M")
+
+    async def main() -> list[tuple[int, int]]:
+        layer = await open_layer(str(cache))
+        try:
+            below = layer.base  # type: ignore[attr-defined]
+            reads: list[tuple[int, int]] = []
+            real = below.pread
+
+            async def counted(offset: int, length: int) -> bytes:
+                reads.append((offset, length))
+                await asyncio.sleep(0.002)
+                data: bytes = await real(offset, length)
+                return data
+
+            below.pread = counted
+            tasks = []
+            for k in range(32):
+                lo = k * 100_003 % (size // 2)
+                hi = min(lo + 1 * MiB + k * 997, size)
+                tasks.append(reader(layer, base, lo, hi, lo, 7 * 4096 + k))
+            await asyncio.gather(*tasks)
+            return reads
+        finally:
+            await layer.close()
+
+    reads = asyncio.run(main())
+    twice = {ci: c for ci, c in clusters_of(reads).items() if c > 1}
+    assert not twice, f"clusters fetched more than once: {twice}"
