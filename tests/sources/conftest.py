@@ -204,13 +204,15 @@ class FaultyHttpServer:
 
     ``mode``: "ok"; "truncate" (announces the full length, sends half, closes);
     "fail_n" (answers 503 to the next ``n`` requests, then behaves);
-    "hang" (accepts, never answers).
+    "hang" (accepts, never answers). ``head_allowed`` False answers HEAD with 405.
+    Any path serves the object, so it also stands in for an S3 endpoint.
     """
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.mode = "ok"
         self.n = 0
+        self.head_allowed = True
         self.requests = 0
         outer = self
 
@@ -222,6 +224,11 @@ class FaultyHttpServer:
 
             def do_HEAD(self) -> None:
                 outer.requests += 1
+                if not outer.head_allowed:
+                    self.send_response(405)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(outer.data)))
                 self.send_header("ETag", '"v1"')

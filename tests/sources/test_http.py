@@ -146,6 +146,22 @@ def test_truncated_reply_never_returns_partial_data(faulty_http: FaultyHttpServe
     asyncio.run(go())
 
 
+def test_size_without_head(faulty_http: FaultyHttpServer) -> None:
+    """A server refusing HEAD: the size comes from a one-byte ranged GET."""
+    faulty_http.head_allowed = False
+
+    async def go() -> None:
+        src = await HttpSource.open(faulty_http.url, FAST)
+        try:
+            assert await src.size() == len(faulty_http.data)
+            assert src.identity()["etag"] == '"v1"'
+            assert await src.pread(10, 10) == faulty_http.data[10:20]
+        finally:
+            await src.close()
+
+    asyncio.run(go())
+
+
 def test_transient_errors_are_retried(faulty_http: FaultyHttpServer) -> None:
     async def go() -> None:
         src = await HttpSource.open(faulty_http.url, FAST)

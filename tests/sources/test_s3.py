@@ -15,7 +15,14 @@ from bootcache.errors import SourceError
 from bootcache.sources.resilience import RemoteOptions, SourceChangedError
 from bootcache.sources.s3 import S3Source, parse_s3_url
 
-from .conftest import S3_ACCESS_KEY, S3_SECRET_KEY, WeedServer, put_s3, wait_s3_readable
+from .conftest import (
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    FaultyHttpServer,
+    WeedServer,
+    put_s3,
+    wait_s3_readable,
+)
 
 FAST = RemoteOptions(timeout=1.0, connect_timeout=0.5, deadline=3.0, retries=20,
                      backoff=0.02, backoff_max=0.2)
@@ -114,6 +121,35 @@ def test_bad_credentials_and_missing_key_fail_fast(weed: WeedServer,
             await S3Source.open("s3://images/present.img", FAST)
         # Permanent errors are not retried until the deadline.
         assert time.monotonic() - t0 < FAST.deadline
+
+    asyncio.run(go())
+
+
+def test_truncated_reply_never_returns_partial_data(
+        faulty_http: FaultyHttpServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An S3 endpoint that cuts bodies short: retries, then SourceError, never short data."""
+    for var, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                       "AWS_REGION": "us-east-1",
+                       "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                       "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+    async def go() -> None:
+        src = await S3Source.open("s3://bucket/object", FAST,
+                                  endpoint_url=f"http://127.0.0.1:{faulty_http.port}",
+                                  addressing_style="path")
+        try:
+            assert await src.pread(100, 1000) == faulty_http.data[100:1100]
+            faulty_http.mode = "truncate"
+            t0 = time.monotonic()
+            with pytest.raises(SourceError, match="attempt"):
+                await src.pread(0, 65536)
+            assert time.monotonic() - t0 < FAST.deadline + 1
+            faulty_http.mode = "ok"
+            assert await src.pread(0, 65536) == faulty_http.data[:65536]
+        finally:
+            await src.close()
 
     asyncio.run(go())
 
