@@ -111,6 +111,26 @@ class ConnectionClosed:
 
 Event = Request | StartTLS | Ready | Disconnect | ConnectionClosed
 
+# The generated __init__ of a frozen dataclass goes through object.__setattr__
+# per field (about 1.3 us for Request); setting the slots directly is three
+# times faster, and the instance is just as frozen afterwards.
+_new = object.__new__
+_set_command, _set_flags, _set_handle, _set_offset, _set_length, _set_data = (
+    Request.__dict__[f].__set__ for f in ("command", "flags", "handle", "offset", "length",
+                                          "data"))
+
+
+def _request(command: int, flags: int, handle: int, offset: int, length: int,
+             data: bytes) -> Request:
+    r: Request = _new(Request)
+    _set_command(r, command)
+    _set_flags(r, flags)
+    _set_handle(r, handle)
+    _set_offset(r, offset)
+    _set_length(r, length)
+    _set_data(r, data)
+    return r
+
 # Connection states.
 _CLIENT_FLAGS = "client-flags"
 _OPTIONS = "options"
@@ -291,7 +311,7 @@ class ServerConnection:
                     and ((cmd == w.CMD_READ and length <= self.max_payload)
                          or (cmd == w.CMD_WRITE and not self._read_only))
                     and not self._shutting_down):
-                return Request(cmd, flags, handle, offset, length, data)
+                return _request(cmd, flags, handle, offset, length, data)
             if cmd == w.CMD_DISC:
                 self.state = _DONE
                 return Disconnect()
@@ -301,7 +321,7 @@ class ServerConnection:
             elif error:
                 self._out += self.reply_error(handle, error, _ERROR_TEXT[error])
             else:
-                return Request(cmd, flags, handle, offset, length, data)
+                return _request(cmd, flags, handle, offset, length, data)
 
     def _check(self, cmd: int, flags: int, offset: int, length: int) -> int:
         """0 if the request is valid, -1 if it is trivially done (empty),
