@@ -3,6 +3,7 @@ nbdcopy; plus in-process server behaviour (out-of-order replies, shutdown)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -269,3 +270,45 @@ def test_shutdown_finishes_inflight_then_closes(inproc: Callable[..., InProcess]
     stopper.join(30)
     assert layer.closed and layer.flushes >= 1
     c.sock.close()
+
+
+class TaskOnlyLayer(MemLayer):
+    """A layer whose first step needs a Task (asyncio.timeout, like aiohttp)."""
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        async with asyncio.timeout(5):
+            return await super().pread(offset, length)
+
+
+def test_layer_needing_a_task_is_served(inproc: Callable[..., InProcess]) -> None:
+    layer = TaskOnlyLayer(1 << 20)
+    srv: InProcess = inproc({"t": layer})
+    with Client(srv.path).connect("t") as c:
+        c.write(0, b"hello")
+        assert c.read(0, 5) == b"hello"  # retried in a Task after the RuntimeError
+        assert c.read(1, 4) == b"ello"
+    assert srv.server is not None and not srv.server.exports["t"].eager
+
+
+def _chain_available() -> bool:
+    try:
+        from bootcache.layers import chain
+    except ImportError:
+        return False
+    return hasattr(chain, "open_layer")
+
+
+@pytest.mark.skipif(not _chain_available(), reason="qcow2 engine (layers.chain) not present")
+@pytest.mark.skipif(bool(need("qemu-img", "qemu-io")), reason=str(need("qemu-img", "qemu-io")))
+def test_serves_qcow2_through_chain_opener(tmp_path: Path, sockdir: str) -> None:
+    base = tmp_path / "base.raw"
+    make_file(base, 4 << 20, seed=5)
+    img = tmp_path / "vm.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", str(base), str(img))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 64k 64k", str(img))
+    sock = f"{sockdir}/s"
+    with serve("--read-only", str(img), sock=sock):  # exported as "vm"
+        run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri(sock, "vm"), str(img))
+        if not need("nbdinfo"):
+            info = json.loads(run("nbdinfo", "--json", uri(sock, "vm")).stdout)
+            assert info["exports"][0]["export-size"] == 4 << 20
