@@ -110,6 +110,24 @@ def test_qemu_nbd_tcp_multi_conn(tmp_path: Path, nbd_servers: list[NbdServer]) -
     asyncio.run(go())
 
 
+def test_fewer_clients_than_wanted(tmp_path: Path, nbd_servers: list[NbdServer]) -> None:
+    """qemu-nbd --shared=2 advertises multi-conn but takes two clients: a pool of two."""
+    path, data = image(tmp_path, 1 << 20)
+    server = started(nbd_servers, QemuNbdServer(tmp_path / "srv", path, shared=2))
+
+    async def go() -> None:
+        src = await NbdSource.open(server.uri, FAST, connections=4)
+        try:
+            assert src.connection_count() == 2
+            got = await asyncio.gather(*(src.pread(i * 4096, 4096) for i in range(64)))
+            assert b"".join(got) == data[:64 * 4096]
+            assert src.stats()["failures"] == 0
+        finally:
+            await src.close()
+
+    asyncio.run(go())
+
+
 def test_qemu_nbd_unix_sparse_holes(tmp_path: Path, nbd_servers: list[NbdServer]) -> None:
     """qemu-nbd answers reads of holes with OFFSET_HOLE chunks."""
     path, data = image(tmp_path, sparse=True)

@@ -364,6 +364,13 @@ class NbdConnection:
         with contextlib.suppress(Exception):
             self._writer.close()
 
+    def abort(self) -> None:
+        """Drop a broken or hung connection at once: no goodbye, no waiting."""
+        self._fail(TransientError(f"{self.name}: connection dropped"))
+        with contextlib.suppress(Exception):
+            self._writer.transport.abort()
+        self._task.cancel()
+
     async def close(self) -> None:
         """Say goodbye (NBD_CMD_DISC) and close the socket."""
         if self._broken is None:
@@ -535,18 +542,26 @@ class NbdSource(RemoteSource):
         return src
 
     async def _add_connections(self) -> None:
-        """Grow to the wanted number of connections if the server allows it."""
+        """Grow to the wanted number of connections if the server allows it.
+
+        One try each: a server may accept fewer clients than it advertises
+        (qemu-nbd --shared), and then the pool is just smaller.
+        """
         assert self.info is not None
         n = min(self._want_connections, self.options.concurrency)
         if not self.info.multi_conn or n <= 1:
             return
-        self._conns += [None] * (n - 1)
-        self._locks += [asyncio.Lock() for _ in range(n - 1)]
-        # Best effort: a slot that fails to connect now is retried when used.
-        results = await asyncio.gather(*(self._connect_slot(i) for i in range(1, n)),
-                                       return_exceptions=True)
+
+        async def one() -> NbdConnection:
+            async with asyncio.timeout(self.options.connect_timeout):
+                return await NbdConnection.connect(self.addr, tls=self._tls, name=self.name)
+
+        results = await asyncio.gather(*(one() for _ in range(n - 1)), return_exceptions=True)
         for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, Exception):
+            if isinstance(r, NbdConnection):
+                self._conns.append(r)
+                self._locks.append(asyncio.Lock())
+            elif not isinstance(r, Exception):
                 raise r
 
     async def _connect_slot(self, slot: int) -> NbdConnection:
@@ -563,7 +578,7 @@ class NbdSource(RemoteSource):
                 return conn
             if conn is not None:
                 self._conns[slot] = None
-                await conn.close()
+                conn.abort()
             async with asyncio.timeout(self.options.connect_timeout):
                 conn = await NbdConnection.connect(self.addr, tls=self._tls, name=self.name)
             self._adopt(conn.info)

@@ -208,9 +208,10 @@ class Resilience:
                 self.stats.latency_max = max(self.stats.latency_max, elapsed)
                 self.stats.in_flight -= 1
                 self._slots.release()
-            delay = min(self.backoff_delay(tries - 1), deadline - loop.time())
-            if delay > 0:
-                await asyncio.sleep(delay)
+            delay = self.backoff_delay(tries - 1)
+            if tries > opts.retries or delay >= deadline - loop.time():
+                break  # no attempt could start in time: fail now, not at the deadline
+            await asyncio.sleep(delay)
         self.stats.failures += 1
         spent = opts.deadline - max(deadline - loop.time(), 0.0)
         reason = describe(last) if last is not None else "deadline reached"
