@@ -139,6 +139,7 @@ class NBDProtocol(asyncio.Protocol):
         self._write_paused = False
         self._reading_paused = False
         self._hold = False  # no parsing: TLS upgrade or session ending
+        self._blocked = False  # any reason to stop parsing (see _recheck)
         self._ending = False
         self._lost = False
         self.finished: asyncio.Future[None] = self.loop.create_future()
@@ -180,23 +181,26 @@ class NBDProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._recheck()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._recheck()
         self._update_reading()
         self._process()
 
     # --- parsing loop -------------------------------------------------------------------
-    def _paused(self) -> bool:
-        return (self._hold or self._write_paused or len(self._tasks) >= MAX_INFLIGHT
-                or self._inflight_bytes >= MAX_INFLIGHT_BYTES)
+    def _recheck(self) -> None:
+        """Recompute whether parsing must stop (kept in one flag for the loop)."""
+        self._blocked = (self._hold or self._write_paused or len(self._tasks) >= MAX_INFLIGHT
+                         or self._inflight_bytes >= MAX_INFLIGHT_BYTES)
 
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or self._lost:
             return
-        want_pause = self._paused()
+        want_pause = self._blocked
         if want_pause != self._reading_paused:
             self._reading_paused = want_pause
             if want_pause:
@@ -213,7 +217,7 @@ class NBDProtocol(asyncio.Protocol):
         self._batch = batch = list[bytes]()
         self._batch_bytes = 0
         try:
-            while not self._paused():
+            while not self._blocked:
                 event = conn.next_event()
                 if event is NEED_DATA:
                     break
@@ -243,16 +247,21 @@ class NBDProtocol(asyncio.Protocol):
             else:
                 self.transport.writelines(batch)
 
+    def _flush_batch(self) -> None:
+        """Hand a big batch over now, so that flow control sees it."""
+        batch = self._batch
+        assert batch is not None
+        self._write_out(batch)
+        batch.clear()
+        self._batch_bytes = 0
+
     def _send(self, data: bytes) -> None:
         batch = self._batch
         if batch is not None:
             batch.append(data)
             self._batch_bytes += len(data)
             if self._batch_bytes >= BATCH_FLUSH:
-                # Hand big batches over now so flow control sees them.
-                self._write_out(batch)
-                batch.clear()
-                self._batch_bytes = 0
+                self._flush_batch()
         elif self.transport is not None and not self._lost:
             self.transport.write(data)
 
@@ -263,6 +272,7 @@ class NBDProtocol(asyncio.Protocol):
             log.debug("%s: transmission on %r", self.peer, event.export)
         elif type(event) is StartTLS:
             self._hold = True
+            self._recheck()
             self._send(self.conn.data_to_send())
             self.loop.create_task(self._start_tls())
         elif type(event) in (Disconnect, ConnectionClosed):
@@ -283,12 +293,14 @@ class NBDProtocol(asyncio.Protocol):
             return
         self.conn.tls_started()
         self._hold = False
+        self._recheck()
         self._update_reading()
         self._process()
 
     def _end_session(self) -> None:
         """Stop parsing; close once every in-flight request has replied."""
         self._hold = True
+        self._recheck()
         self._ending = True
         self._check_finished()
 
@@ -321,6 +333,7 @@ class NBDProtocol(asyncio.Protocol):
 
     def _abort(self) -> None:
         self._hold = True
+        self._recheck()
         self._ending = True
         if self.transport is not None and not self._lost:
             self.transport.abort()
@@ -333,37 +346,44 @@ class NBDProtocol(asyncio.Protocol):
         export = self.export
         assert export is not None
         coro = fn(*args, **kwargs)
-        if export.eager:
-            try:
-                pending = coro.send(None)
-            except StopIteration as stop:
-                done(req, stop.value)
-                return
-            except RuntimeError as exc:
-                if "task" not in str(exc).lower():
-                    self._failed(req, exc)
-                    return
-                # The layer needs a Task from its first step: retry in one.
-                log.debug("%s: layer needs a task (%s); eager start off", export.name, exc)
-                export.eager = False
-                coro = fn(*args, **kwargs)
-                task = self.loop.create_task(coro)
-            except Exception as exc:
-                self._failed(req, exc)
-                return
-            else:
-                task = self.loop.create_task(_finish(coro, pending))
+        if not export.eager:
+            self._track(self.loop.create_task(coro), req, done)
+            return
+        try:
+            pending = coro.send(None)
+        except StopIteration as stop:
+            done(req, stop.value)
+        except Exception as exc:
+            self._first_step_failed(req, done, exc, fn, args, kwargs)
         else:
-            task = self.loop.create_task(coro)
+            self._track(self.loop.create_task(_finish(coro, pending)), req, done)
+
+    def _first_step_failed(self, req: Request, done: Done, exc: Exception,
+                           fn: Callable[..., Any], args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> None:
+        export = self.export
+        assert export is not None
+        if not isinstance(exc, RuntimeError) or "task" not in str(exc).lower():
+            self._failed(req, exc)
+            return
+        # The layer needs a Task from its first step: retry in one, and
+        # start this export's requests in Tasks from now on.
+        log.debug("%s: layer needs a task (%s); eager start off", export.name, exc)
+        export.eager = False
+        self._track(self.loop.create_task(fn(*args, **kwargs)), req, done)
+
+    def _track(self, task: asyncio.Task[Any], req: Request, done: Done) -> None:
         self._tasks[task] = (req, done)
         if req.command <= w.CMD_WRITE:
             self._inflight_bytes += req.length
         task.add_done_callback(self._task_done)
+        self._recheck()
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         req, done = self._tasks.pop(task)
         if req.command <= w.CMD_WRITE:
             self._inflight_bytes -= req.length
+        self._recheck()
         if task.cancelled():
             self._send(self.conn.reply_error(req.handle, w.ESHUTDOWN, "cancelled"))
         elif (exc := task.exception()) is not None:
@@ -374,7 +394,7 @@ class NBDProtocol(asyncio.Protocol):
             self._check_finished()
         else:
             self._update_reading()
-            if not self._paused():
+            if not self._blocked:
                 self._process()
 
     def _failed(self, req: Request, exc: BaseException) -> None:
@@ -392,8 +412,32 @@ class NBDProtocol(asyncio.Protocol):
 
     # --- commands --------------------------------------------------------------------------
     def _read(self, req: Request) -> None:
-        assert self.layer is not None
-        self._start(req, self._read_done, self.layer.pread, req.offset, req.length)
+        """_start() specialised for the hot path: a read that completes in its
+        first step (page cache, cache hit) goes straight into the batch."""
+        layer, export, batch = self.layer, self.export, self._batch
+        assert layer is not None and export is not None
+        if not export.eager or batch is None:
+            self._start(req, self._read_done, layer.pread, req.offset, req.length)
+            return
+        coro = layer.pread(req.offset, req.length)
+        try:
+            pending = coro.send(None)
+        except StopIteration as stop:
+            data = stop.value
+            if len(data) != req.length:
+                self._read_done(req, data)
+                return
+            # Header and data go out as two buffers of one writev: no copy.
+            batch.append(self.conn.read_header(req.handle, req.offset, req.length))
+            batch.append(data)
+            self._batch_bytes += req.length
+            if self._batch_bytes >= BATCH_FLUSH:
+                self._flush_batch()
+        except Exception as exc:
+            self._first_step_failed(req, self._read_done, exc, layer.pread,
+                                    (req.offset, req.length), {})
+        else:
+            self._track(self.loop.create_task(_finish(coro, pending)), req, self._read_done)
 
     def _read_done(self, req: Request, data: bytes) -> None:
         if len(data) != req.length:
