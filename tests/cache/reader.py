@@ -5,9 +5,10 @@
         every byte with the file BASE, print one JSON line: sha256, the cache
         counters, and (with NBDKIT_LOG) how many base reads nbdkit logged
         before and after the pass.
-    python reader.py random CACHE BASE SEED
+    python reader.py random CACHE BASE SEED [FLUSH_PROBABILITY]
         open CACHE, print "ready", then read random ranges forever, comparing
-        each with BASE; exit 3 on the first wrong byte (the crash test kills
+        each with BASE, and flush after a read with the given probability
+        (default 0); exit 3 on the first wrong byte (the crash test kills
         this process at random moments).
 
 Exit codes: 0 ok, 3 wrong bytes served.
@@ -64,7 +65,7 @@ def do_pass(cache: str, base_path: str, log: str | None) -> None:
                       "reads_after_pass": after}))
 
 
-def do_random(cache: str, base_path: str, seed: int) -> None:
+def do_random(cache: str, base_path: str, seed: int, flush_probability: float) -> None:
     with open(base_path, "rb") as f:
         base = f.read()
     rng = random.Random(seed)
@@ -72,12 +73,14 @@ def do_random(cache: str, base_path: str, seed: int) -> None:
         print("ready", flush=True)
         size = img.size
         while True:
-            n = rng.choice([1, 511, 4096, 65536, 65537, 200_000, 1 << 20])
+            n = rng.choice([1, 511, 4096, 65536, 65537, 200_000])
             n = min(n, size)
             off = rng.randrange(0, size - n + 1)
             data = img.read(off, n)
             if data != base[off:off + n]:
                 wrong(f"at {off}+{n}", data, base[off:off + n])
+            if rng.random() < flush_probability:
+                img.flush()
 
 
 def main() -> None:
@@ -85,7 +88,8 @@ def main() -> None:
     if mode == "pass":
         do_pass(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
     elif mode == "random":
-        do_random(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        do_random(sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                  float(sys.argv[5]) if len(sys.argv) > 5 else 0.0)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
