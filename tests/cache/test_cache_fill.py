@@ -158,3 +158,40 @@ def test_client_writes_are_refused(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert cached_bytes(cache) == 0
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_qcow2_base(tmp_path: Path, compressed: bool) -> None:
+    """A qcow2 base (made by qemu-img, compressed or not) under a cache."""
+    size = 2 * MiB
+    raw = make_base(tmp_path / "base.raw", size, seed=5)
+    raw = raw[:CLUSTER] + bytes(CLUSTER) + raw[2 * CLUSTER:]  # one zero cluster
+    (tmp_path / "base.raw").write_bytes(raw)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *(["-c"] if compressed else []),
+         tmp_path / "base.raw", tmp_path / "base.qcow2"])
+    cache = tmp_path / "cache.qcow2"
+    create_cache(cache, "base.qcow2", quota="100M", backing_fmt="qcow2")
+    with bootcache.open(str(cache)) as img:
+        assert_bytes(read_all(img, 100_000), raw, "first pass")
+        assert_bytes(read_all(img, 1 * MiB), raw, "second pass")
+        assert img.layer.stats()["bytes_from_base"] == size  # type: ignore[attr-defined]
+    assert_qemu_check(cache)
+    assert_bytes(qemu_convert_raw(cache), raw, "qemu-img convert")
+
+
+def test_sparse_base_with_zero_regions(tmp_path: Path) -> None:
+    size = 2 * MiB
+    data = bytearray(make_base(tmp_path / "base.raw", size, seed=6))
+    data[3 * CLUSTER:6 * CLUSTER] = bytes(3 * CLUSTER)           # whole zero clusters
+    data[8 * CLUSTER + 100:9 * CLUSTER - 100] = bytes(CLUSTER - 200)  # mostly zero
+    with open(tmp_path / "base.raw", "wb") as f:
+        f.write(data[:3 * CLUSTER])
+        f.seek(6 * CLUSTER)                                       # a real hole
+        f.write(data[6 * CLUSTER:])
+    cache = tmp_path / "cache.qcow2"
+    create_cache(cache, "base.raw", quota="100M")
+    for _ in range(2):
+        with bootcache.open(str(cache)) as img:
+            assert_bytes(read_all(img, 123_456), bytes(data), "sparse base")
+    assert_qemu_check(cache)
+    assert_bytes(qemu_convert_raw(cache), bytes(data), "qemu-img convert")
