@@ -312,3 +312,16 @@ def test_serves_qcow2_through_chain_opener(tmp_path: Path, sockdir: str) -> None
         if not need("nbdinfo"):
             info = json.loads(run("nbdinfo", "--json", uri(sock, "vm")).stdout)
             assert info["exports"][0]["export-size"] == 4 << 20
+
+
+def test_unfinished_handshake_times_out(inproc: Callable[..., InProcess]) -> None:
+    srv: InProcess = inproc({"m": MemLayer(4096)}, handshake_timeout=0.5)
+    idle = socket.socket(socket.AF_UNIX)
+    idle.settimeout(5)
+    idle.connect(srv.path)
+    assert len(idle.recv(18)) == 18
+    assert idle.recv(1) == b""  # closed after the timeout
+    idle.close()
+    with Client(srv.path).connect("m") as c:  # finished handshakes are not affected
+        time.sleep(0.8)
+        assert c.read(0, 8) == bytes(8)

@@ -143,6 +143,7 @@ class NBDProtocol(asyncio.Protocol):
         self._ending = False
         self._lost = False
         self.finished: asyncio.Future[None] = self.loop.create_future()
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._handlers: dict[int, Callable[[Request], None]] = {
             w.CMD_READ: self._read, w.CMD_WRITE: self._write, w.CMD_FLUSH: self._flush,
             w.CMD_TRIM: self._trim, w.CMD_WRITE_ZEROES: self._write_zeroes,
@@ -159,7 +160,17 @@ class NBDProtocol(asyncio.Protocol):
         self.server.connections.add(self)
         if self.server.closing:
             self.conn.shutdown()
+        # A client that never finishes the handshake must not hold a slot forever.
+        self._handshake_timer = self.loop.call_later(
+            self.server.handshake_timeout, self._handshake_expired)
         transport.write(self.conn.data_to_send())
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.layer is None and not self._ending:
+            log.info("%s: handshake not finished in %ss, closing", self.peer,
+                     self.server.handshake_timeout)
+            self._abort()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -175,6 +186,9 @@ class NBDProtocol(asyncio.Protocol):
         return True  # keep the write side open for in-flight replies
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         self._lost = True
         self._ending = True
         self._check_finished()
@@ -269,6 +283,9 @@ class NBDProtocol(asyncio.Protocol):
         if type(event) is Ready:
             self.export = self.server.exports[event.export]
             self.layer = self.export.layer
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+                self._handshake_timer = None
             log.debug("%s: transmission on %r", self.peer, event.export)
         elif type(event) is StartTLS:
             self._hold = True
@@ -492,7 +509,7 @@ class NBDServer:
 
     def __init__(self, exports: Mapping[str, BlockLayer], *,
                  ssl_context: ssl.SSLContext | None = None, tls_required: bool = False,
-                 max_payload: int = MAX_PAYLOAD) -> None:
+                 max_payload: int = MAX_PAYLOAD, handshake_timeout: float = 60.0) -> None:
         if not exports:
             raise ValueError("no exports")
         if tls_required and ssl_context is None:
@@ -503,6 +520,7 @@ class NBDServer:
         self.ssl_context = ssl_context
         self.tls_required = tls_required
         self.max_payload = max_payload
+        self.handshake_timeout = handshake_timeout
         self.connections: set[NBDProtocol] = set()
         self.closing = False
         self._servers: list[asyncio.AbstractServer] = []
