@@ -291,6 +291,8 @@ class Nbdkit:
         self.logfile = Path(sockdir) / "reads.log"
         self.pidfile = os.path.join(sockdir, "kit.pid")
         self.uri = f"nbd+unix:///?socket={self.socket}"
+        for stale in (self.socket, self.pidfile, self.logfile):
+            Path(stale).unlink(missing_ok=True)  # left by a previous server here
         self.proc = subprocess.Popen(
             [NBDKIT, "--foreground", "--exit-with-parent", "-U", self.socket, "-P",
              self.pidfile, "-r", "--filter=log", "file", os.fspath(base),
