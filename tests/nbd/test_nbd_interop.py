@@ -325,3 +325,25 @@ def test_unfinished_handshake_times_out(inproc: Callable[..., InProcess]) -> Non
     with Client(srv.path).connect("m") as c:  # finished handshakes are not affected
         time.sleep(0.8)
         assert c.read(0, 8) == bytes(8)
+
+
+def test_bootcache_client_reads_bootcache_server(tmp_path: Path, sockdir: str) -> None:
+    """The project's own NBD client (sources) against this server, multi-conn."""
+    client = pytest.importorskip("bootcache.nbd.client", reason="NBD client not present")
+    img = tmp_path / "c.raw"
+    content = make_file(img, 8 << 20, seed=11)
+    sock = f"{sockdir}/s"
+
+    async def go() -> None:
+        src = await client.NbdSource.open(uri(sock, "c"), connections=4)
+        try:
+            assert await src.size() == len(content)
+            offsets = [i * 77777 for i in range(100)]
+            got = await asyncio.gather(*(src.pread(o, 65536) for o in offsets))
+            assert all(g == content[o:o + 65536] for g, o in zip(got, offsets, strict=True))
+            assert await src.pread(len(content) - 10, 10) == content[-10:]
+        finally:
+            await src.close()
+
+    with serve("--read-only", f"{img}=c", sock=sock):
+        asyncio.run(go())
