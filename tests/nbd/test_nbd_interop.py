@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -347,3 +348,29 @@ def test_bootcache_client_reads_bootcache_server(tmp_path: Path, sockdir: str) -
 
     with serve("--read-only", f"{img}=c", sock=sock):
         asyncio.run(go())
+
+
+@pytest.mark.skipif(not _chain_available(), reason="qcow2 engine (layers.chain) not present")
+@pytest.mark.skipif(bool(need("qemu-img", "nbdcopy")), reason=str(need("qemu-img", "nbdcopy")))
+def test_serves_cache_image_read_only(tmp_path: Path, sockdir: str) -> None:
+    base = tmp_path / "base.raw"
+    content = make_file(base, 8 << 20, seed=13)
+    cache = tmp_path / "cache.qcow2"
+    p = subprocess.run([sys.executable, "-m", "bootcache", "create", "-f", "qcow2", "-b",
+                        str(base), "-F", "raw", "-o", "cache_img_quota=64M", str(cache)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot create a cache image: {p.stderr.strip()}")
+    sock = f"{sockdir}/s"
+    with serve(str(cache), sock=sock):
+        with Client(sock).connect("cache") as c:
+            assert c.flags & w.FLAG_READ_ONLY  # a cache is never writable by clients
+            assert c.command(w.CMD_WRITE, 0, 1, data=b"x").error == w.EPERM
+            assert c.command(w.CMD_CACHE, 0, 1 << 20).error == 0  # prefetch
+        out = tmp_path / "copy.raw"
+        run("nbdcopy", uri(sock, "cache"), str(out))
+        assert out.read_bytes() == content
+    # The reads filled the cache: the image now holds the data itself.
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(cache), str(base))
+    info = json.loads(run("qemu-img", "info", "--output=json", str(cache)).stdout)
+    assert info["actual-size"] >= len(content)
