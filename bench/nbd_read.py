@@ -7,7 +7,11 @@ run; fio's nbd engine (libnbd) is the client. Two workloads:
 - 1M sequential reads at queue depth 4
 
 Usage:
-    .venv/bin/python bench/nbd_read.py [--size 1G] [--runtime 10] [--repeat 3]
+    .venv/bin/python bench/nbd_read.py [--size 1G] [--runtime 10] [--repeat 3] [--cache]
+
+With --cache, bootcache serves a warm cache image (a qcow2 cache over the
+raw file as its base, filled by one full read before measuring) while
+nbdkit and qemu-nbd serve the raw file: the same data, bootcache's real path.
 
 Prints IOPS and MiB/s for each server and the ratios bootcache/nbdkit and
 bootcache/qemu-nbd (best of --repeat runs each, runs interleaved so that
@@ -60,10 +64,10 @@ def wait_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 15) -
 
 
 @contextlib.contextmanager
-def server(kind: str, image: str, sock: str) -> Iterator[str]:
+def server(kind: str, image: str, sock: str, cache: str | None = None) -> Iterator[str]:
     if kind == "bootcache":
         cmd = [PYTHON, "-m", "bootcache.cli.serve", "--read-only", "--socket", sock,
-               f"{image}=disk"]
+               f"{cache or image}=disk"]
     elif kind == "nbdkit":
         cmd = ["nbdkit", "--foreground", "--readonly", "--unix", sock, "file", image]
     else:
@@ -84,6 +88,17 @@ def server(kind: str, image: str, sock: str) -> Iterator[str]:
             os.unlink(sock)
 
 
+def make_warm_cache(image: str, tmp: str) -> str:
+    """A cache image over ``image``, filled by reading it all through the server."""
+    cache = os.path.join(tmp, "cache.qcow2")
+    subprocess.run([PYTHON, "-m", "bootcache", "create", "-f", "qcow2", "-b", image, "-F",
+                    "raw", "-o", "cache_img_quota=100G", cache], check=True,
+                   capture_output=True)
+    with server("bootcache", image, os.path.join(tmp, "warm.sock"), cache) as uri:
+        subprocess.run(["nbdcopy", uri, "null:"], check=True)
+    return cache
+
+
 def fio(uri: str, workload: list[str], runtime: int, size: int) -> dict[str, float]:
     cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--direct=1",
            f"--size={size}", "--time_based", f"--runtime={runtime}", "--ramp_time=1",
@@ -100,6 +115,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per server and workload")
     ap.add_argument("--servers", default="bootcache,nbdkit,qemu-nbd")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--cache", action="store_true",
+                    help="bootcache serves a warm cache image of the file")
     args = ap.parse_args()
     for tool in ("fio", "nbdkit", "qemu-nbd"):
         if shutil.which(tool) is None:
@@ -116,11 +133,13 @@ def main() -> int:
         with open(image, "rb") as f:  # warm the page cache
             while f.read(8 << 20):
                 pass
+        cache = make_warm_cache(image, tmp) if args.cache else None
         results: dict[str, dict[str, dict[str, float]]] = {}
         for name in args.workloads.split(","):
             for _ in range(args.repeat):
                 for kind in kinds:
-                    with server(kind, image, os.path.join(tmp, f"{kind}.sock")) as uri:
+                    sock = os.path.join(tmp, f"{kind}.sock")
+                    with server(kind, image, sock, cache) as uri:
                         r = fio(uri, WORKLOADS[name], args.runtime, size)
                     best = results.setdefault(name, {}).get(kind)
                     if best is None or r["iops"] > best["iops"]:
