@@ -196,12 +196,13 @@ def assert_qemu_check(image: Path, *, allow_leaks: bool = False) -> dict[str, An
 
 def qemu_convert_raw(image: Path) -> bytes:
     """The image's guest-visible bytes as QEMU reads them."""
-    out = image.with_name(image.name + f".{os.getpid()}.out.raw")
+    outdir = tempfile.mkdtemp(prefix="bcconv")  # not next to the image: it may be full
+    out = Path(outdir) / "out.raw"
     try:
         run([QEMU_IMG, "convert", "-U", "-f", "qcow2", "-O", "raw", image, out])
         return out.read_bytes()
     finally:
-        out.unlink(missing_ok=True)
+        shutil.rmtree(outdir, ignore_errors=True)
 
 
 def qemu_io(image: Path, *commands: str, read_only: bool = False,
