@@ -10,6 +10,7 @@ clusters may keep their data or read as zeros.
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -30,15 +31,18 @@ from .conftest import (
     run_qemu_io,
 )
 
-OPS = ("write", "write", "write", "zeroes", "zeroes_unmap", "discard")
+OPS = ("write", "write", "write", "zeroes", "zeroes_unmap", "discard", "discard", "flush",
+       "reopen")
 
 Op = tuple[str, int, int, int]
+Case = tuple[int, str, int, str | None, list[Op]]
 
 
 @st.composite
-def shapes_and_ops(draw: st.DrawFn, backing: bool) -> tuple[int, str, str | None, list[Op]]:
+def shapes_and_ops(draw: st.DrawFn, backing: bool) -> Case:
     cluster = draw(st.sampled_from([512, 4096, 65536]))
     compat = draw(st.sampled_from(["0.10", "1.1"]))
+    refcount_bits = 16 if compat == "0.10" else draw(st.sampled_from([1, 4, 16, 64]))
     backing_fmt = draw(st.sampled_from(["raw", "qcow2"])) if backing else None
     size = 2 * MiB if cluster == 65536 else MiB + 3 * 512
     n_clusters = -(-size // cluster)
@@ -53,12 +57,13 @@ def shapes_and_ops(draw: st.DrawFn, backing: bool) -> tuple[int, str, str | None
         st.integers(1, 4).map(lambda n: n * cluster),
         st.integers(1, 2048))
     op = st.tuples(st.sampled_from(OPS), offset, length, st.integers(0, 2**32))
-    ops = draw(st.lists(op, min_size=1, max_size=25))
+    ops = draw(st.lists(op, min_size=1, max_size=40))
     clipped = [(kind, off, min(n, size - off), seed) for kind, off, n, seed in ops]
-    return cluster, compat, backing_fmt, clipped
+    return cluster, compat, refcount_bits, backing_fmt, clipped
 
 
-def _run(cluster: int, compat: str, backing_fmt: str | None, ops: list[Op]) -> None:
+def _run(cluster: int, compat: str, refcount_bits: int, backing_fmt: str | None,
+         ops: list[Op]) -> None:
     size = 2 * MiB if cluster == 65536 else MiB + 3 * 512
     with tempfile.TemporaryDirectory(prefix="bootcache-prop-") as d:
         tmp = Path(d)
@@ -71,13 +76,20 @@ def _run(cluster: int, compat: str, backing_fmt: str | None, ops: list[Op]) -> N
                                for i in range(size // (128 * 1024))], fmt=backing_fmt)
             initial = qemu_raw_bytes(base, fmt=backing_fmt)
         bootcache.create(str(img), size, cluster_size=cluster, compat=compat,
+                         refcount_bits=refcount_bits,
                          backing_file=base.name if backing_fmt else None,
                          backing_fmt=backing_fmt)
         model = DiskModel(initial)
         whole_reads_zero = backing_fmt is None or compat == "1.1"
-        with bootcache.open(str(img), writable=True) as disk:
+        disk = bootcache.open(str(img), writable=True)
+        try:
             for kind, off, length, seed in ops:
-                if kind == "write":
+                if kind == "flush":
+                    disk.flush()
+                elif kind == "reopen":
+                    disk.close()
+                    disk = bootcache.open(str(img), writable=True)
+                elif kind == "write":
                     data = random.Random(seed).randbytes(length)
                     disk.write(off, data)
                     model.write(off, data)
@@ -88,23 +100,27 @@ def _run(cluster: int, compat: str, backing_fmt: str | None, ops: list[Op]) -> N
                     disk.discard(off, length)
                     model.discard(off, length, cluster, whole_reads_zero=whole_reads_zero)
             model.check(disk.read(0, size), "bootcache read before close")
+        finally:
+            disk.close()
         assert_qemu_check_clean(img)
         theirs = qemu_raw_bytes(img)
         model.check(theirs, "qemu view")
         assert_same_bytes(bootcache_read_all(img), theirs, "bootcache vs qemu after reopen")
 
 
-_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+# CI runs a fixed, modest set; BOOTCACHE_HYPOTHESIS_EXAMPLES=N explores N random ones.
+_EXPLORE = int(os.environ.get("BOOTCACHE_HYPOTHESIS_EXAMPLES", "0"))
+_SETTINGS = settings(max_examples=_EXPLORE or 40, deadline=None, derandomize=not _EXPLORE,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @_SETTINGS
 @given(shapes_and_ops(backing=False))
-def test_random_ops_without_backing(case: tuple[int, str, str | None, list[Op]]) -> None:
+def test_random_ops_without_backing(case: Case) -> None:
     _run(*case)
 
 
 @_SETTINGS
 @given(shapes_and_ops(backing=True))
-def test_random_ops_over_backing_file(case: tuple[int, str, str | None, list[Op]]) -> None:
+def test_random_ops_over_backing_file(case: Case) -> None:
     _run(*case)
