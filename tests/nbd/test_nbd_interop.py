@@ -203,6 +203,31 @@ def test_tls_required(tmp_path: Path, sockdir: str) -> None:
             assert out.read_bytes() == img.read_bytes()
 
 
+@pytest.mark.skipif(bool(need("nbdinfo", "openssl")), reason=str(need("nbdinfo", "openssl")))
+def test_tls_client_certificates(tmp_path: Path, sockdir: str) -> None:
+    img = tmp_path / "t.raw"
+    make_file(img, 1 << 20)
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    _make_cert(str(certs))
+    anonymous = tmp_path / "anon"  # trusts the server but has no client certificate
+    anonymous.mkdir()
+    shutil.copy(certs / "ca-cert.pem", anonymous / "ca-cert.pem")
+    # The self-signed certificate doubles as the CA and the client's certificate.
+    shutil.copy(certs / "server-cert.pem", certs / "client-cert.pem")
+    shutil.copy(certs / "server-key.pem", certs / "client-key.pem")
+    sock = f"{sockdir}/s"
+    with serve("--tls-cert", str(certs / "server-cert.pem"), "--tls-key",
+               str(certs / "server-key.pem"), "--tls-ca", str(certs / "ca-cert.pem"),
+               f"{img}=t", sock=sock):
+        def tls_uri(d: Path) -> str:
+            return f"nbds+unix:///t?socket={sock}&tls-certificates={d}&tls-verify-peer=false"
+        assert run("nbdinfo", "--size", tls_uri(certs)).stdout.strip() == str(1 << 20)
+        assert run("nbdinfo", "--size", tls_uri(anonymous), ok=False).returncode != 0
+        # Without --tls-required, plain connections are still served.
+        assert run("nbdinfo", "--size", uri(sock, "t")).stdout.strip() == str(1 << 20)
+
+
 def test_sigterm_exits_zero_and_removes_socket(tmp_path: Path, sockdir: str) -> None:
     make_file(tmp_path / "d.raw", 1 << 20)
     sock = f"{sockdir}/s"

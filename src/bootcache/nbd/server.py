@@ -183,7 +183,8 @@ class NBDProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
         self._process()
-        return True  # keep the write side open for in-flight replies
+        # Keep the write side open for in-flight replies (TLS cannot half-close).
+        return not self.conn.tls_active
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
