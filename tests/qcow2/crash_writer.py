@@ -1,6 +1,6 @@
 """Writer process for the crash test (run as a script; the test SIGKILLs it).
 
-    crash_writer.py IMAGE LOG SEED BATCH
+    crash_writer.py IMAGE LOG SEED BATCH CLUSTER DISCARDS
 
 Opens IMAGE writable through bootcache and runs the deterministic operation
 stream ``op_stream(SEED, size, cluster)`` in batches of BATCH operations.
@@ -16,14 +16,22 @@ import random
 import sys
 from collections.abc import Iterator
 
-Op = tuple[str, int, bytes]  # ("write" | "zeroes", offset, data), data is zeros for "zeroes"
+# ("write" | "zeroes" | "discard", offset, data); data is what the range reads afterwards:
+# zeros for "zeroes" and for "discard" (whole clusters only, used only on images where
+# a discarded cluster reads as zeros).
+Op = tuple[str, int, bytes]
 
 
-def op_stream(seed: int, size: int, cluster: int) -> Iterator[Op]:
-    """An endless, reproducible stream of writes and write-zeroes."""
+def op_stream(seed: int, size: int, cluster: int, discards: bool = False) -> Iterator[Op]:
+    """An endless, reproducible stream of writes, write-zeroes and discards."""
     rng = random.Random(seed)
     while True:
         kind = rng.randrange(8)
+        if discards and rng.randrange(8) == 0:
+            n = rng.randrange(1, 5)
+            off = rng.randrange(0, size // cluster - n + 1) * cluster
+            yield ("discard", off, bytes(n * cluster))
+            continue
         if kind == 0:  # whole clusters
             n = rng.randrange(1, 4)
             off = rng.randrange(0, size // cluster - n + 1) * cluster
@@ -47,8 +55,8 @@ def main() -> None:
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     with bootcache.open(image, writable=True) as disk:
         size = disk.size
-        cluster = int(sys.argv[5])
-        stream = op_stream(seed, size, cluster)
+        cluster, discards = int(sys.argv[5]), sys.argv[6] == "1"
+        stream = op_stream(seed, size, cluster, discards)
         os.write(log, b"ready\n")
         os.fsync(log)
         done = 0
@@ -58,6 +66,8 @@ def main() -> None:
                 kind, off, data = next(stream)
                 if kind == "write":
                     disk.write(off, data)
+                elif kind == "discard":
+                    disk.discard(off, len(data))
                 else:
                     disk.write_zeroes(off, len(data), may_unmap=bool(done % 2))
                 done += 1
