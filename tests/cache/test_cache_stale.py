@@ -142,3 +142,21 @@ def test_base_changes_while_open_reset(tmp_path: Path) -> None:
         assert_bytes(img.read(0, SIZE), new, "everything, after the change")
     assert_qemu_check(cache)
     assert_bytes(qemu_convert_raw(cache), new, "qemu-img convert")
+
+
+@pytest.mark.parametrize("new_size", [SIZE // 2 + 512, SIZE + 3 * CLUSTER])
+def test_base_size_changed(tmp_path: Path, new_size: int) -> None:
+    """A base that shrank or grew: reset; past the base's end the disk reads zeros."""
+    old = make_base(tmp_path / "base.raw", SIZE, seed=46)
+    cache = tmp_path / "cache.qcow2"
+    create_cache(cache, "base.raw", quota="100M")
+    warm(cache, old)
+    new = make_base(tmp_path / "base.raw", new_size, seed=47)
+    expected = (new + bytes(SIZE))[:SIZE]
+    with bootcache.open(str(cache)) as img:
+        assert img.size == SIZE
+        assert_bytes(img.read(0, SIZE), expected, "after the base's size changed")
+        assert_bytes(img.read(0, SIZE), expected, "again")
+    assert cache_stats(cache)["resets"] == 1
+    assert_qemu_check(cache)
+    assert_bytes(qemu_convert_raw(cache), expected, "qemu-img convert")
