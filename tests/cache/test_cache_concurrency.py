@@ -129,3 +129,50 @@ def test_concurrent_readers_of_overlapping_regions(tmp_path: Path) -> None:
     reads = asyncio.run(main())
     twice = {ci: c for ci, c in clusters_of(reads).items() if c > 1}
     assert not twice, f"clusters fetched more than once: {twice}"
+
+
+def test_a_failed_fetch_fails_its_waiters_and_is_retried(tmp_path: Path) -> None:
+    """The base fails the first fetch: every reader sharing it gets an error (never
+    wrong bytes), nothing is stored, and the next read fetches again."""
+    base = make_base(tmp_path / "base.raw", 1 * MiB, seed=23)
+    cache = tmp_path / "cache.qcow2"
+    create_cache(cache, "base.raw", quota="100M")
+
+    async def main() -> tuple[list[object], list[tuple[int, int]]]:
+        layer = await open_layer(str(cache))
+        try:
+            below = layer.base  # type: ignore[attr-defined]
+            real = below.pread
+            reads: list[tuple[int, int]] = []
+
+            async def flaky(offset: int, length: int) -> bytes:
+                reads.append((offset, length))
+                await asyncio.sleep(0.01)
+                if len(reads) == 1:
+                    raise OSError(5, "injected I/O error")
+                data: bytes = await real(offset, length)
+                return data
+
+            below.pread = flaky
+
+            async def one(k: int) -> bytes:
+                return await layer.pread(CLUSTER + 100 * k, 1000)
+
+            results = await asyncio.gather(*(one(k) for k in range(8)),
+                                           return_exceptions=True)
+            for k, r in enumerate(results):
+                if not isinstance(r, BaseException):
+                    off = CLUSTER + 100 * k
+                    assert_bytes(r, base[off:off + 1000], f"reader {k}")
+            assert any(isinstance(r, OSError) for r in results), results
+            off = CLUSTER + 5
+            assert_bytes(await layer.pread(off, 3000), base[off:off + 3000], "retry")
+            assert_bytes(await layer.pread(off, 3000), base[off:off + 3000], "cached")
+            return list(results), reads
+        finally:
+            await layer.close()
+
+    _, reads = asyncio.run(main())
+    assert len(reads) == 2, f"expected one failed and one good fetch: {reads}"
+    assert cached_bytes(cache) == CLUSTER
+    assert_qemu_check(cache)

@@ -195,3 +195,24 @@ def test_sparse_base_with_zero_regions(tmp_path: Path) -> None:
             assert_bytes(read_all(img, 123_456), bytes(data), "sparse base")
     assert_qemu_check(cache)
     assert_bytes(qemu_convert_raw(cache), bytes(data), "qemu-img convert")
+
+
+def test_writable_overlay_keeps_writes_out_of_the_cache(tmp_path: Path) -> None:
+    size = 2 * MiB
+    base = make_base(tmp_path / "base.raw", size, seed=7)
+    cache = tmp_path / "cache.qcow2"
+    create_cache(cache, "base.raw", quota="100M")
+    from .conftest import bootcache as bootcache_cli
+    bootcache_cli("create", "-q", "-f", "qcow2", "-b", "cache.qcow2", "-F", "qcow2",
+                  tmp_path / "vm1.qcow2")
+    expected = bytearray(base)
+    with bootcache.open(str(tmp_path / "vm1.qcow2"), writable=True) as img:
+        img.write(CLUSTER + 10, b"\xee" * 5000)          # partial cluster: COW via the cache
+        expected[CLUSTER + 10:CLUSTER + 5010] = b"\xee" * 5000
+        img.write_zeroes(4 * CLUSTER, CLUSTER)
+        expected[4 * CLUSTER:5 * CLUSTER] = bytes(CLUSTER)
+        assert_bytes(img.read(0, size), bytes(expected), "through the overlay")
+    assert_qemu_check(cache)
+    assert_qemu_check(tmp_path / "vm1.qcow2")
+    assert_bytes(qemu_convert_raw(cache), base, "the cache holds only the base's bytes")
+    assert_bytes(qemu_convert_raw(tmp_path / "vm1.qcow2"), bytes(expected), "QEMU via vm1")
