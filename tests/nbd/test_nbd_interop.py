@@ -21,6 +21,7 @@ import pytest
 from conftest import InProcess
 from nbd_testlib import Client, MemLayer, make_file, need, serve, uri
 
+from bootcache.layers.base import Extent
 from bootcache.nbd import wire as w
 
 
@@ -399,3 +400,32 @@ def test_serves_cache_image_read_only(tmp_path: Path, sockdir: str) -> None:
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(cache), str(base))
     info = json.loads(run("qemu-img", "info", "--output=json", str(cache)).stdout)
     assert info["actual-size"] >= len(content)
+
+
+class BrokenLayer(MemLayer):
+    """Fails in the ways a buggy or unlucky layer can."""
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        if offset == 0:
+            raise OSError(5, "disk on fire")
+        if offset == 512:
+            raise KeyError("a bug")
+        if offset == 1024:
+            await asyncio.sleep(0.01)
+            raise OSError(28, "full")
+        return b"short"
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        return None  # type: ignore[return-value]  # a bug: not a list
+
+
+def test_layer_failures_fail_one_request(inproc: Callable[..., InProcess]) -> None:
+    srv: InProcess = inproc({"b": BrokenLayer(1 << 20)})
+    with Client(srv.path).connect("b", contexts=("base:allocation",)) as c:
+        r = c.command(w.CMD_READ, 0, 16)
+        assert r.error == w.EIO and "disk on fire" in r.message
+        assert c.command(w.CMD_READ, 512, 16).error == w.EIO
+        assert c.command(w.CMD_READ, 1024, 16).error == w.ENOSPC
+        assert c.command(w.CMD_READ, 4096, 16).error == w.EIO  # short read
+        assert c.command(w.CMD_BLOCK_STATUS, 0, 4096).error == w.EIO
+        c.write(8192, b"fine")  # the connection is still usable

@@ -237,7 +237,10 @@ class NBDProtocol(asyncio.Protocol):
                 if event is NEED_DATA:
                     break
                 if type(event) is Request:
-                    handlers[event.command](event)
+                    try:
+                        handlers[event.command](event)
+                    except Exception as exc:  # a bug below: fail this request only
+                        self._failed(event, exc)
                 else:
                     self._session_event(event)
         except ProtocolError as e:
@@ -245,6 +248,10 @@ class NBDProtocol(asyncio.Protocol):
             self._write_out(batch)
             self._protocol_error(e)
             return
+        except BaseException:
+            self._batch = None
+            self._abort()
+            raise
         self._batch = None
         out = conn.data_to_send()
         if out:
@@ -407,7 +414,10 @@ class NBDProtocol(asyncio.Protocol):
         elif (exc := task.exception()) is not None:
             self._failed(req, exc)
         else:
-            done(req, task.result())
+            try:
+                done(req, task.result())
+            except Exception as bug:
+                self._failed(req, bug)
         if self._ending:
             self._check_finished()
         else:
