@@ -98,6 +98,33 @@ def test_qemu_io_refused_while_bootcache_writes(image: Path) -> None:
     assert qemu_raw_bytes(image)[:512] == b"\x62" * 512
 
 
+def test_qemu_readers_need_force_share_while_bootcache_writes(image: Path) -> None:
+    """As with two QEMU processes: a reader that does not share "write" is refused while
+    bootcache writes; with -U (force share) it may read."""
+    with bootcache.open(str(image), writable=True):
+        for cmd in (["qemu-img", "info", str(image)],
+                    [QEMU_IO, "-r", "-c", "read 0 512", str(image)]):
+            proc = subprocess.run(cmd, capture_output=True, check=False)
+            assert proc.returncode != 0, cmd
+            assert b'Failed to get shared "write" lock' in proc.stderr, proc.stderr
+        for cmd in (["qemu-img", "info", "-U", str(image)],
+                    [QEMU_IO, "-r", "-U", "-c", "read 0 512", str(image)]):
+            proc = subprocess.run(cmd, capture_output=True, check=False)
+            assert proc.returncode == 0, (cmd, proc.stderr)
+
+
+def test_bootcache_reader_and_qemu(image: Path) -> None:
+    """A read-only bootcache open shares reading but not writing, like qemu-io -r."""
+    with bootcache.open(str(image)):
+        assert subprocess.run(["qemu-img", "info", str(image)], capture_output=True,
+                              check=False).returncode == 0
+        proc = run_qemu_io(image, ["write 0 512"], check=False)
+        assert proc.returncode != 0 and b'Failed to get "write" lock' in proc.stderr
+    with qemu_io_holding(image), pytest.raises(ImageLockedError) as excinfo:
+        bootcache.open(str(image))
+    _assert_clear_lock_message(excinfo.value, image)
+
+
 def test_second_bootcache_writer_refused(image: Path) -> None:
     with bootcache.open(str(image), writable=True):
         code = (
