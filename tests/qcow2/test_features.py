@@ -236,7 +236,7 @@ def test_encrypted_image_refused(tmp_path: Path) -> None:
 
 def test_external_data_file_supported_or_refused(tmp_path: Path) -> None:
     img = tmp_path / "df.qcow2"
-    qemu_img_create(img, 2 * MiB, data_file="df.raw")
+    qemu_img_create(img, 2 * MiB, data_file=str(tmp_path / "df.raw"))  # qemu-img: cwd-relative
     run_qemu_io(img, ["write -q -P 0x66 4096 70000"])
     try:
         data = bootcache_read_all(img)
