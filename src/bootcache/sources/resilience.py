@@ -215,6 +215,7 @@ class Resilience:
         self.stats.failures += 1
         spent = opts.deadline - max(deadline - loop.time(), 0.0)
         reason = describe(last) if last is not None else "deadline reached"
+        reason = reason.removeprefix(f"{self.name}: ")  # said once is enough
         raise SourceError(
             f"{self.name}: {what} failed after {tries} attempt(s) in {spent:.1f}s: {reason}"
         ) from last
