@@ -550,7 +550,8 @@ class NbdkitServer(NbdServer):
     """nbdkit with a plugin and filters, e.g. ``["file", str(path)]`` + ``["delay"]``."""
 
     def __init__(self, workdir: Path, plugin: list[str], *, filters: tuple[str, ...] = (),
-                 export: str = "base", unix: bool = False, tls_dir: Path | None = None) -> None:
+                 export: str = "base", unix: bool = False, tls_dir: Path | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         super().__init__(workdir, [], name="nbdkit", export=export, unix=unix,
                          tls=tls_dir is not None)
         argv = ["nbdkit", "--foreground", "--exit-with-parent", "--readonly"]
@@ -559,7 +560,7 @@ class NbdkitServer(NbdServer):
         if tls_dir is not None:
             argv += ["--tls=require", f"--tls-certificates={tls_dir}"]
         argv += [f"--filter={f}" for f in filters]
-        self.argv = [*argv, *plugin]
+        self.argv = [*argv, *extra, *plugin]
 
 
 @pytest.fixture(scope="session")

@@ -144,6 +144,43 @@ def test_qemu_nbd_unix_sparse_holes(tmp_path: Path, nbd_servers: list[NbdServer]
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("extra", [("--no-sr",), ("--mask-handshake=1",)],
+                         ids=["simple-replies", "no-no-zeroes"])
+def test_older_server_features(extra: tuple[str, ...], tmp_path: Path,
+                               nbd_servers: list[NbdServer]) -> None:
+    """Simple replies (no structured replies) and servers that send the zero padding."""
+    path, data = image(tmp_path, 2 << 20)
+    server = started(nbd_servers, NbdkitServer(tmp_path / "srv", ["file", str(path)],
+                                               extra=extra))
+
+    async def go() -> None:
+        src = await NbdSource.open(server.uri, FAST)
+        try:
+            assert src.info is not None
+            assert src.info.structured == (extra != ("--no-sr",))
+            await check_ranges(src, data, n=30)
+        finally:
+            await src.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("extra", [("--oldstyle",), ("--mask-handshake=0",)])
+def test_old_handshakes_are_refused(extra: tuple[str, ...], tmp_path: Path,
+                                    nbd_servers: list[NbdServer]) -> None:
+    path, _ = image(tmp_path, 1 << 20)
+    server = started(nbd_servers, NbdkitServer(tmp_path / "srv", ["file", str(path)],
+                                               extra=extra))
+
+    async def go() -> None:
+        t0 = time.monotonic()
+        with pytest.raises(SourceError, match="old handshake"):
+            await NbdSource.open(server.uri, FAST)
+        assert time.monotonic() - t0 < 1.0
+
+    asyncio.run(go())
+
+
 def test_identity_follows_content(tmp_path: Path, nbd_servers: list[NbdServer]) -> None:
     path, _ = image(tmp_path, 1 << 20)
     server = started(nbd_servers, QemuNbdServer(tmp_path / "srv", path))
