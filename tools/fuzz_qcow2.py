@@ -14,7 +14,11 @@ fails on any other exception, on a hang (per-case timeout), or on a huge
 allocation (the worker runs under an address-space limit; MemoryError or a
 crash counts as a failure). Failing cases are kept with a description.
 
-    tools/fuzz_qcow2.py --seconds 3600 [--seed N] [--out DIR] [--timeout S]
+With --differential, QEMU is the oracle too: for every case that
+``qemu-img check`` finds clean (and small enough), the bytes bootcache reads
+must equal those of ``qemu-img convert -O raw`` whenever bootcache opens it.
+
+    tools/fuzz_qcow2.py --seconds 3600 [--seed N] [--out DIR] [--timeout S] [--differential]
     tools/fuzz_qcow2.py --replay CASE.qcow2        # run one kept case in-process
 
 The CI test (tests/qcow2/test_fuzz.py) runs the same campaign for ~20 s.
@@ -23,6 +27,7 @@ The CI test (tests/qcow2/test_fuzz.py) runs the same campaign for ~20 s.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -43,6 +48,7 @@ QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 MEMORY_LIMIT = 1536 << 20  # address space of the worker
 RSS_ALARM = 512 << 20  # a case that makes the worker this big is reported
 READ_BUDGET = 4 << 20  # bytes read per case
+DIFF_LIMIT = 16 << 20  # differential mode compares disks up to this size with QEMU's view
 
 # --------------------------------------------------------------------------
 # seeds
@@ -274,7 +280,26 @@ def mutate(seed: Seed, case_seed: int) -> Case:
         fsize = len(buf)
         notes.append(f"truncated to {new}")
 
+    def data_bytes() -> None:
+        """Random bytes anywhere past the first cluster: data, tables or blocks."""
+        if fsize <= cs:
+            return random_bytes()
+        count = rng.randrange(1, 17)
+        for _ in range(count):
+            pos = rng.randrange(cs, fsize)
+            buf[pos] = rng.randrange(256)
+        notes.append(f"{count} random bytes after the first cluster")
+
+    def virtual_size() -> None:
+        old = _u(buf, 24, 8)
+        value = max(0, rng.choice([old + 1, old - 1, old + 512, old - 512, old // 2 + 7,
+                                   old + cs, old - cs + 3, rng.randrange(0, 16 << 20),
+                                   rng.randrange(0, 16 << 11) * 512]))
+        _put(buf, 24, 8, value)
+        notes.append(f"virtual size {old} -> {value}")
+
     mutators: list[tuple[float, Callable[[], None]]] = [
+        (2, data_bytes), (1, virtual_size),
         (4, header_field), (2, extension), (3, lambda: table_entry("L1", seed.l1_entries)),
         (4, lambda: table_entry("L2", seed.l2_words)),
         (2, lambda: table_entry("refcount table", seed.rt_entries)), (2, refblock),
@@ -290,13 +315,26 @@ def mutate(seed: Seed, case_seed: int) -> Case:
 # the worker: runs cases in a long-lived process, one JSON line per case
 
 
-def exercise(path: str, write: bool, case_seed: int) -> None:
-    """Open, read, and (when ``write``) write through bootcache. May raise anything."""
+def exercise(path: str, write: bool, case_seed: int, digest: bool = False) -> dict[str, Any]:
+    """Open, read, and (when ``write``) write through bootcache. May raise anything.
+
+    With ``digest``, a disk of at most DIFF_LIMIT bytes is read whole first and
+    its size and SHA-256 are returned, to compare with what QEMU reads.
+    """
     import bootcache
 
     rng = random.Random(case_seed ^ 0x5EED)
+    out: dict[str, Any] = {}
     with bootcache.open(path) as img:
         size = img.size
+        if digest and size <= DIFF_LIMIT:
+            # QEMU sees a qcow2 disk in whole sectors (it rounds the header's size down);
+            # that difference is counted apart, so compare the sectors QEMU sees.
+            sectors = size // 512 * 512
+            h = hashlib.sha256()
+            for off in range(0, sectors, 1 << 20):
+                h.update(img.read(off, min(1 << 20, sectors - off)))
+            out = {"size": size, "sha256": h.hexdigest()}
         budget = READ_BUDGET
         for off in range(0, min(size, 1 << 20), 65536):
             img.read(off, min(65536, size - off))
@@ -309,11 +347,11 @@ def exercise(path: str, write: bool, case_seed: int) -> None:
         if size:
             img.read(size - 1, 1)
     if not write:
-        return
+        return out
     with bootcache.open(path, writable=True) as img:
         size = img.size
         if size == 0:
-            return
+            return out
         for _ in range(6):
             off = rng.randrange(0, size)
             n = min(rng.choice([1, 700, 4096, 65536, 200000]), size - off)
@@ -326,6 +364,7 @@ def exercise(path: str, write: bool, case_seed: int) -> None:
                 img.discard(off, n)
             img.read(off, n)
         img.flush()
+    return out
 
 
 def worker_main() -> None:
@@ -340,8 +379,8 @@ def worker_main() -> None:
         start = time.perf_counter()
         result: dict[str, Any]
         try:
-            exercise(req["path"], req["write"], req["case_seed"])
-            result = {"status": "ok"}
+            digest = exercise(req["path"], req["write"], req["case_seed"], req.get("digest", False))
+            result = {"status": "ok", "digest": digest}
         except BootcacheError as e:
             result = {"status": "error", "type": type(e).__name__, "message": str(e)[:300]}
         except MemoryError:
@@ -365,11 +404,12 @@ class Worker:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
         self.rss = 0
 
-    def run(self, path: str, case: Case, timeout: float) -> dict[str, Any]:
+    def run(self, path: str, case: Case, timeout: float, digest: bool = False) -> dict[str, Any]:
         import selectors
 
         assert self.proc.stdin and self.proc.stdout
-        req = {"path": path, "write": case.write, "case_seed": case.case_seed}
+        req = {"path": path, "write": case.write, "case_seed": case.case_seed,
+               "digest": digest}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         sel = selectors.DefaultSelector()
@@ -405,6 +445,37 @@ class Worker:
 
 
 # --------------------------------------------------------------------------
+# QEMU as the oracle (differential mode)
+
+
+def qemu_view(path: Path) -> dict[str, Any] | None:
+    """Size and SHA-256 of the disk as QEMU reads it, when ``qemu-img check`` finds the
+    image clean and it is small; else None (QEMU is no oracle for it)."""
+    try:
+        check = subprocess.run([QEMU_IMG, "check", "-f", "qcow2", str(path)],
+                               capture_output=True, timeout=10, check=False)
+        if check.returncode != 0:
+            return None
+        info = subprocess.run([QEMU_IMG, "info", "-f", "qcow2", "--output", "json", str(path)],
+                              capture_output=True, timeout=10, check=False)
+        if info.returncode != 0:
+            return None
+        size = json.loads(info.stdout)["virtual-size"]
+        if size > DIFF_LIMIT:
+            return None
+        raw = path.with_suffix(".raw")
+        conv = subprocess.run([QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", str(path),
+                               str(raw)], capture_output=True, timeout=20, check=False)
+        if conv.returncode != 0:
+            return None
+        data = raw.read_bytes()
+        raw.unlink()
+        return {"size": size, "sha256": hashlib.sha256(data).hexdigest()}
+    except (subprocess.TimeoutExpired, OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------
 # campaigns
 
 
@@ -414,17 +485,26 @@ class Report:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    compared: int = 0  # differential mode: cases both QEMU and bootcache read
+    refused_clean: list[dict[str, Any]] = field(default_factory=list)  # QEMU: clean
+    size_mismatches: int = 0  # header size not a multiple of 512: QEMU rounds it down
 
     def summary(self) -> str:
         errs = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))
+        diff = (f", {self.compared} compared with QEMU ({self.size_mismatches} with a size "
+                f"QEMU rounds down), {len(self.refused_clean)} refused although qemu-img check "
+                "finds them clean") if self.compared or self.refused_clean else ""
         return (f"{self.cases} cases: {self.ok} ok, {sum(self.errors.values())} refused "
-                f"({errs}), {len(self.failures)} failures")
+                f"({errs}){diff}, {len(self.failures)} failures")
 
 
 def campaign(seconds: float, workdir: Path, *, seed: int = 0, timeout: float = 10.0,
-             out: Path | None = None, max_failures: int = 20,
+             out: Path | None = None, max_failures: int = 20, differential: bool = False,
              log: Callable[[str], None] | None = None) -> Report:
-    """Run cases until ``seconds`` pass; keep failing cases in ``out`` (if given)."""
+    """Run cases until ``seconds`` pass; keep failing cases in ``out`` (if given).
+
+    ``differential``: also read each case with QEMU; where ``qemu-img check`` finds
+    it clean and bootcache opens it, both must read the same bytes."""
     seeds = build_seeds(workdir)
     report = Report()
     err_path = workdir / "worker.err"
@@ -442,13 +522,28 @@ def campaign(seconds: float, workdir: Path, *, seed: int = 0, timeout: float = 1
             if not worker.alive():
                 worker.close()
                 worker = Worker(err_path)
-            result = worker.run(str(case_path), case, timeout)
+            theirs = qemu_view(case_path) if differential else None
+            result = worker.run(str(case_path), case, timeout, digest=theirs is not None)
             report.cases += 1
             status = result["status"]
+            ours = result.get("digest") or None
+            if status == "ok" and theirs is not None and ours is not None:
+                report.compared += 1
+                if ours["size"] != theirs["size"]:
+                    report.size_mismatches += 1
+                    ours = {**ours, "size": ours["size"] // 512 * 512}
+                if ours != theirs:
+                    status = "fail"
+                    result = {"status": "fail", "type": "differs from QEMU",
+                              "traceback": f"qemu-img reads {theirs}, bootcache reads {ours}"}
             if status == "ok":
                 report.ok += 1
             elif status == "error":
                 report.errors[result["type"]] = report.errors.get(result["type"], 0) + 1
+                if theirs is not None and len(report.refused_clean) < 50:
+                    report.refused_clean.append(
+                        {"case_seed": case_seed, "seed": source.name, "mutations": case.mutations,
+                         "error": f"{result['type']}: {result.get('message', '')}"})
             else:
                 failure = {"seed": source.name, "case_seed": case_seed, "write": case.write,
                            "mutations": case.mutations, "type": result["type"],
@@ -491,6 +586,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="per-case timeout (s)")
     parser.add_argument("--out", type=Path, default=Path("fuzz-failures"),
                         help="where failing cases are kept")
+    parser.add_argument("--differential", action="store_true",
+                        help="compare with QEMU's reading where qemu-img check finds no error")
     parser.add_argument("--replay", type=Path, help="run one kept case in this process")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -502,8 +599,11 @@ def main() -> None:
     print(f"campaign seed {seed}, {args.seconds:.0f} s, failures kept in {args.out}")
     with tempfile.TemporaryDirectory(prefix="fuzz-qcow2-") as d:
         report = campaign(args.seconds, Path(d), seed=seed, timeout=args.timeout,
-                          out=args.out, max_failures=1000, log=print)
+                          out=args.out, max_failures=1000, differential=args.differential,
+                          log=print)
     print(report.summary())
+    for r in report.refused_clean[:20]:
+        print(f"refused clean case {r['case_seed']} ({r['seed']}): {r['error']} {r['mutations']}")
     for f in report.failures[:20]:
         print(f"--- {f['type']} case {f['case_seed']} ({f['seed']}): {f['mutations']}")
         print(f["traceback"])

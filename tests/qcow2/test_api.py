@@ -62,6 +62,20 @@ def test_unaligned_size_rounded_up_like_qemu_img(tmp_path: Path, fmt: str) -> No
     assert qemu_img_info(cli)["virtual-size"] == expected
 
 
+@pytest.mark.parametrize("header_size", [1000, 2 * MiB + 1, 2 * MiB - 1])
+def test_unaligned_header_size_read_like_qemu(tmp_path: Path, header_size: int) -> None:
+    """A qcow2 header whose size is not a multiple of 512: QEMU rounds it down."""
+    img = tmp_path / "img.qcow2"
+    qemu_img_create(img, 2 * MiB)
+    with open(img, "r+b") as f:
+        f.seek(24)
+        f.write(header_size.to_bytes(8, "big"))
+    expected = qemu_img_info(img)["virtual-size"]
+    assert expected == header_size // 512 * 512
+    with bootcache.open(str(img)) as disk:
+        assert disk.size == expected
+
+
 def test_open_bad_paths(tmp_path: Path) -> None:
     with pytest.raises(BootcacheError):
         bootcache.open(str(tmp_path / "missing.qcow2"))

@@ -1,7 +1,9 @@
 """Acceptance 6: mutated images only ever raise bootcache's own errors, and never hang.
 
 Runs the campaign of tools/fuzz_qcow2.py with a small time budget and a fixed
-seed; ``tools/fuzz_qcow2.py --seconds N`` runs the same thing for longer.
+seed; ``tools/fuzz_qcow2.py --seconds N [--differential]`` runs the same thing
+for longer. The differential run also has QEMU read every case that
+``qemu-img check`` finds clean: bootcache must then read the same bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 from types import ModuleType
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "fuzz_qcow2.py"
-BUDGET = float(os.environ.get("BOOTCACHE_FUZZ_SECONDS", "20"))
+BUDGET = float(os.environ.get("BOOTCACHE_FUZZ_SECONDS", "15"))
+DIFF_BUDGET = float(os.environ.get("BOOTCACHE_FUZZ_DIFF_SECONDS", "10"))
 
 
 def _load_tool() -> ModuleType:
@@ -39,3 +42,16 @@ def test_fuzz_header_and_metadata(tmp_path: Path) -> None:
     # The budget must buy a meaningful number of cases, most of them really parsed.
     assert report.cases >= 100, report.summary()
     assert report.ok > report.cases // 20, report.summary()
+
+
+def test_fuzz_differential_against_qemu(tmp_path: Path) -> None:
+    fuzz = _load_tool()
+    seed = int(os.environ.get("BOOTCACHE_FUZZ_SEED", "2"))
+    report = fuzz.campaign(DIFF_BUDGET, tmp_path / "work", seed=seed, timeout=10.0,
+                           out=tmp_path / "failures", max_failures=10, differential=True)
+    details = "\n".join(
+        f"--- {f['type']}: case {f['case_seed']} of seed image {f['seed']} "
+        f"(write={f['write']}): {f['mutations']}\n{f['traceback']}"
+        for f in report.failures)
+    assert not report.failures, f"{report.summary()}\n{details}"
+    assert report.compared >= 20, report.summary()
