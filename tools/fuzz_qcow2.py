@@ -536,6 +536,14 @@ def campaign(seconds: float, workdir: Path, *, seed: int = 0, timeout: float = 1
                     status = "fail"
                     result = {"status": "fail", "type": "differs from QEMU",
                               "traceback": f"qemu-img reads {theirs}, bootcache reads {ours}"}
+                elif case.write:
+                    # The image was clean before bootcache wrote into it; it must stay so.
+                    after = subprocess.run([QEMU_IMG, "check", "-f", "qcow2", str(case_path)],
+                                           capture_output=True, timeout=20, check=False)
+                    if after.returncode not in (0, 3):
+                        status = "fail"
+                        result = {"status": "fail", "type": "writes corrupted a clean image",
+                                  "traceback": (after.stdout + after.stderr).decode()[-3000:]}
             if status == "ok":
                 report.ok += 1
             elif status == "error":
