@@ -429,3 +429,33 @@ def test_layer_failures_fail_one_request(inproc: Callable[..., InProcess]) -> No
         assert c.command(w.CMD_READ, 4096, 16).error == w.EIO  # short read
         assert c.command(w.CMD_BLOCK_STATUS, 0, 4096).error == w.EIO
         c.write(8192, b"fine")  # the connection is still usable
+
+
+class SingleFlightLayer(MemLayer):
+    """Concurrent reads wait on one shared future, as a cache's coalesced
+    misses do: each request's first step yields the same future."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self._flight: asyncio.Future[None] | None = None
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        if self._flight is None or self._flight.done():
+            loop = asyncio.get_running_loop()
+            self._flight = loop.create_future()
+            loop.call_later(0.05, self._flight.set_result, None)
+        await self._flight
+        return await super().pread(offset, length)
+
+
+def test_requests_sharing_one_future(inproc: Callable[..., InProcess]) -> None:
+    layer = SingleFlightLayer(1 << 20)
+    layer.data[:4096] = b"s" * 4096
+    srv: InProcess = inproc({"f": layer})
+    with Client(srv.path).connect("f") as c:
+        c.send(b"".join(w.REQUEST.pack(w.REQUEST_MAGIC, 0, w.CMD_READ, h, 0, 4096)
+                        for h in range(16)))
+        replies = [c.reply(4096) for _ in range(16)]
+        assert sorted(r.handle for r in replies) == list(range(16))
+        assert all(r.error == 0 and r.data == b"s" * 4096 for r in replies), \
+            [r.message for r in replies if r.error]

@@ -96,6 +96,12 @@ def nbd_errno(exc: BaseException) -> int:
 def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Generator[Any, Any, Any]:
     """Continue, inside a Task, a coroutine already stepped once by hand:
     hand its pending future to the Task, then relay results and exceptions."""
+    # Future.__await__ set the "blocking" flag when it yielded, and a Task
+    # clears it on receipt. Another request may have awaited (and another
+    # Task received) the same future since: set it again, or this Task would
+    # take the yield for a bare ``yield`` and throw into the coroutine.
+    if getattr(first, "_asyncio_future_blocking", None) is not None:
+        first._asyncio_future_blocking = True
     pending = first
     while True:
         try:
@@ -173,6 +179,8 @@ class NBDProtocol(asyncio.Protocol):
             self._abort()
 
     def data_received(self, data: bytes) -> None:
+        if self._ending:
+            return  # after DISC/ABORT or an error, input is ignored, not buffered
         try:
             self.conn.receive_data(data)
         except ProtocolError as e:
@@ -381,7 +389,19 @@ class NBDProtocol(asyncio.Protocol):
         except Exception as exc:
             self._first_step_failed(req, done, exc, fn, args, kwargs)
         else:
-            self._track(self.loop.create_task(_finish(coro, pending)), req, done)
+            self._adopt(coro, pending, req, done)
+
+    def _adopt(self, coro: Coroutine[Any, Any, Any], pending: Any, req: Request,
+               done: Done) -> None:
+        """Hand a coroutine suspended in its first step over to a Task."""
+        # Do what a Task does on receiving a yielded future: clear its
+        # "blocking" flag. While it is set, the C Future refuses to be awaited
+        # by anyone else ("await wasn't used with future"), and the next
+        # request may await the same future (coalesced cache misses).
+        # _resume() sets it again when it passes the future to the Task.
+        if getattr(pending, "_asyncio_future_blocking", False):
+            pending._asyncio_future_blocking = False
+        self._track(self.loop.create_task(_finish(coro, pending)), req, done)
 
     def _first_step_failed(self, req: Request, done: Done, exc: Exception,
                            fn: Callable[..., Any], args: tuple[Any, ...],
@@ -465,7 +485,7 @@ class NBDProtocol(asyncio.Protocol):
             self._first_step_failed(req, self._read_done, exc, layer.pread,
                                     (req.offset, req.length), {})
         else:
-            self._track(self.loop.create_task(_finish(coro, pending)), req, self._read_done)
+            self._adopt(coro, pending, req, self._read_done)
 
     def _read_done(self, req: Request, data: bytes) -> None:
         if len(data) != req.length:
