@@ -390,6 +390,14 @@ def test_serves_cache_image_read_only(tmp_path: Path, sockdir: str) -> None:
     sock = f"{sockdir}/s"
     with serve(str(cache), sock=sock):
         with Client(sock).connect("cache") as c:
+            # Cold cache, 16 reads in one cluster at once: misses coalesce.
+            c.send(b"".join(w.REQUEST.pack(w.REQUEST_MAGIC, 0, w.CMD_READ, h, (1 << 20) + h * 4096,
+                                           4096) for h in range(16)))
+            for _ in range(16):
+                r = c.reply(4096)
+                assert r.error == 0, r.message
+                start = (1 << 20) + r.handle * 4096
+                assert r.data == content[start:start + 4096]
             assert c.flags & w.FLAG_READ_ONLY  # a cache is never writable by clients
             assert c.command(w.CMD_WRITE, 0, 1, data=b"x").error == w.EPERM
             assert c.command(w.CMD_CACHE, 0, 1 << 20).error == 0  # prefetch
