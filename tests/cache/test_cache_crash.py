@@ -6,8 +6,9 @@ while opening (revalidating, rewriting the header) or while filling. After
 every kill qemu-img check must accept the image (0, or 3 for leaked
 clusters), and the next child, the final bootcache read and QEMU's own read
 must return only the base's bytes. From time to time the cache is started
-afresh (so that fills keep happening) or QEMU rewrites its header (so that
-the next opener revalidates).
+afresh (so that fills keep happening), QEMU rewrites its header or writes
+junk into it (so that the next opener revalidates, and may be killed while
+it does).
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ import pytest
 import bootcache
 
 from .conftest import (
+    AUTOCLEAR_CACHE,
+    CLUSTER,
     QEMU_IMG,
     MiB,
     assert_bytes,
     cached_bytes,
     child_env,
     create_cache,
+    header_facts,
     make_base,
     qemu_check,
     qemu_convert_raw,
+    qemu_io,
     run,
 )
 
@@ -114,14 +119,22 @@ def crash_loop(tmp_path: Path, *, quota: str, policy: str, runs: int, budget: fl
         assert code in (0, 3) and not report.get("corruptions") \
             and not report.get("check-errors"), (
                 f"{history[-1]}: qemu-img check exited {code}: {report}\n" + "\n".join(history))
-        if runs % 6 == 0:
+        trusted = bool(header_facts(cache)["autoclear"] & AUTOCLEAR_CACHE)
+        if runs % 6 == 0 and trusted:
+            # With bit 63 set, every allocated cluster holds the base's bytes.
             assert_bytes(qemu_convert_raw(cache), base, f"{history[-1]}: QEMU's read")
-        if runs % 9 == 0:
+        if runs % 18 == 9:
             # QEMU rewrites the header: bit 63 is cleared, the next child revalidates.
             lazy = not lazy
             run([QEMU_IMG, "amend", "-f", "qcow2", "-o",
                  f"lazy_refcounts={'on' if lazy else 'off'}", cache])
             history.append("qemu-img amend")
+        elif runs % 18 == 0:
+            # QEMU writes junk into cached and uncached clusters: the next child
+            # must revalidate (even if killed while doing so) before serving.
+            offs = sorted(rng.sample(range(size // CLUSTER), 3))
+            qemu_io(cache, *(f"write -P 0xa5 {ci * CLUSTER + 512} 4096" for ci in offs))
+            history.append(f"qemu-io junk in clusters {offs}")
         elif cached_bytes(cache) >= size * 3 // 4:
             # Mostly warm: start afresh so that the next runs fill again.
             cache.unlink()
