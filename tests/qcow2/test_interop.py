@@ -265,6 +265,9 @@ QEMU_CASES = [
     QemuCase("extl2-cs2m-backing", 16 * MiB, {"extended_l2": True, "cluster_size": 2 * MiB},
              "qcow2"),
     QemuCase("zstd", 8 * MiB, {"compression_type": "zstd"}),
+    QemuCase("prealloc-metadata", 4 * MiB, {"preallocation": "metadata"}),
+    QemuCase("v2-prealloc-full-cs4k", 2 * MiB, {"preallocation": "full", "compat": "0.10",
+                                                "cluster_size": 4096}),
 ]
 
 
@@ -360,8 +363,10 @@ def test_qemu_made_images_read_back_through_bootcache(tmp_path: Path, rng: rando
     # Compressed clusters share host clusters: refcounts above 1 need more than one bit.
     # With lazy refcounts, qemu-io 7.2's own compressed writes mixed with other writes can
     # leave an OFLAG_COPIED error that qemu-img check reports, so none there either.
+    # Preallocated clusters are allocated: QEMU compresses only into unallocated ones.
     compressed = (case.options.get("refcount_bits", 16) > 1
-                  and not case.options.get("lazy_refcounts"))
+                  and not case.options.get("lazy_refcounts")
+                  and "preallocation" not in case.options)
     script = qemu_io_random_script(rng, case.size, cluster, pf, ops=60, compressed=compressed)
     run_qemu_io(img, script)
     expected = qemu_raw_bytes(img)
@@ -442,3 +447,52 @@ def test_discard_and_zeroes_made_by_qemu_v2_and_v3(tmp_path: Path) -> None:
             f"discard -q {12 * c + 512} {c}",  # partial discard, nothing allocated
         ])
         assert_same_bytes(bootcache_read_all(img), qemu_raw_bytes(img), f"compat {compat}")
+
+
+def test_writes_over_a_chain_of_special_clusters(tmp_path: Path, rng: random.Random) -> None:
+    """bootcache's copy-on-write reads the old data through a qemu-made chain of an
+    extended-L2 image (subclusters: allocated, zero, unallocated) over a compressed
+    image over a short raw base; the overlay is larger than every layer below it."""
+    c = 65536
+    base = tmp_path / "base.raw"
+    base.write_bytes(rng.randbytes(3 * MiB + 1536))
+    comp_src = tmp_path / "comp.src.qcow2"
+    qemu_img_create(comp_src, 5 * MiB, backing=base.name, backing_fmt="raw")
+    run_qemu_io(comp_src, ["write -q -P 0x31 1M 1M", "write -q -z 2560k 128k"])
+    comp = tmp_path / "comp.qcow2"
+    # Compressed clusters for everything the source shows (backing data included).
+    run_qemu_img("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", comp_src, comp)
+    run_qemu_img("rebase", "-u", "-b", "", comp)
+    ext = tmp_path / "ext.qcow2"
+    qemu_img_create(ext, 6 * MiB, backing=comp.name, backing_fmt="qcow2", extended_l2=True)
+    run_qemu_io(ext, [f"write -q -P 0x41 {2048 * k} 1000" for k in range(0, 200, 7)]
+                + ["write -q -z 100k 6k", "write -q -z -u 300k 70k", "discard -q 1M 64k",
+                   f"write -q -P 0x42 {5 * MiB + 4096} 2048"])
+    top = tmp_path / "top.qcow2"
+    size = 7 * MiB + 512
+    bootcache.create(str(top), size, cluster_size=4096, backing_file=ext.name,
+                     backing_fmt="qcow2")
+    model = bytearray(qemu_raw_bytes(top))
+    assert_same_bytes(bootcache_read_all(top), bytes(model), "chain before writes")
+    with bootcache.open(str(top), writable=True) as disk:
+        for _ in range(150):
+            off, length = random_extent(rng, size, c)
+            data = random_pattern(rng, length)
+            disk.write(off, data)
+            model[off:off + length] = data
+    assert_qemu_check_clean(top)
+    assert_same_bytes(qemu_raw_bytes(top), bytes(model), "qemu view after writes")
+
+
+def test_backing_format_is_honoured(tmp_path: Path) -> None:
+    """A qcow2 file declared as a raw backing file is read as raw bytes, as QEMU does;
+    a raw file is never probed into a qcow2 when its format is given."""
+    inner = tmp_path / "inner.qcow2"
+    qemu_img_create(inner, MiB)
+    run_qemu_io(inner, ["write -q -P 0x55 0 64k"])
+    img = tmp_path / "img.qcow2"
+    run_qemu_img("create", "-q", "-u", "-f", "qcow2", "-b", inner.name, "-F", "raw", img,
+                 str(inner.stat().st_size))
+    expected = qemu_raw_bytes(img)
+    assert expected[:4] == b"QFI\xfb"
+    assert_same_bytes(bootcache_read_all(img), expected, "qcow2 bytes as a raw backing file")
