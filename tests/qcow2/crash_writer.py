@@ -39,8 +39,8 @@ def op_stream(seed: int, size: int, cluster: int, discards: bool = False) -> Ite
         elif kind < 4:  # partial cluster, possibly straddling a boundary
             length = rng.randrange(1, min(cluster, 16384) + 1)
             off = rng.randrange(0, size - length + 1)
-        else:  # up to two clusters anywhere
-            length = rng.randrange(1, min(2 * cluster, 256 * 1024) + 1)
+        else:  # up to two clusters (at least 128 KiB) anywhere
+            length = rng.randrange(1, min(max(2 * cluster, 128 * 1024), 256 * 1024) + 1)
             off = rng.randrange(0, size - length + 1)
         if rng.randrange(6) == 0:
             yield ("zeroes", off, bytes(length))

@@ -64,6 +64,9 @@ CASES = [
     CrashCase("cs16k-rc1", 8 * MiB, 16384, refcount_bits=1),
     CrashCase("cs1k-rc64-backing-qcow2", 4 * MiB, 1024, refcount_bits=64, backing_fmt="qcow2"),
     CrashCase("cs2k-v2", 4 * MiB, 2048, compat="0.10", runs=6),
+    # One refcount table cluster covers only 2 MiB of file here: kills land while the
+    # refcount table grows.
+    CrashCase("cs512-rc64-growth", 8 * MiB, 512, refcount_bits=64, runs=8),
 ]
 # For longer hunts: BOOTCACHE_CRASH_SEED=x BOOTCACHE_CRASH_RUNS=200 pytest tests/qcow2/test_crash.py
 SEED = os.environ.get("BOOTCACHE_CRASH_SEED", "")
