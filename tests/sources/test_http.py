@@ -14,7 +14,7 @@ from bootcache.errors import SourceError, StaleBaseError
 from bootcache.sources.http import HttpSource
 from bootcache.sources.resilience import RemoteOptions, SourceChangedError
 
-from .conftest import FaultyHttpServer, NginxServer
+from .conftest import FaultyHttpServer, NginxServer, wait_until
 
 FAST = RemoteOptions(timeout=1.0, connect_timeout=0.5, deadline=3.0, retries=20,
                      backoff=0.02, backoff_max=0.2)
@@ -66,10 +66,13 @@ def test_connections_are_reused(nginx: NginxServer) -> None:
             await src.close()
 
     asyncio.run(go())
+    # nginx logs a request after answering it: give the last line a moment.
+    wait_until(lambda: len(nginx.access_log()) >= 201, 5, "access log")
     log = nginx.access_log()
     assert len(log) == 201
     # Keep-alive and a bounded pool: a handful of connections carry everything.
     assert len({line[0] for line in log}) <= 5
+
 
 def test_changed_object_is_detected(nginx: NginxServer) -> None:
     nginx.put("base.img", b"a" * 100_000)

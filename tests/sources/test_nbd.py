@@ -275,6 +275,18 @@ def test_nbdkit_delay_filter(tmp_path: Path, nbd_servers: list[NbdServer]) -> No
     asyncio.run(go())
 
 
+def wait_stopped(pid: int) -> None:
+    """SIGSTOP lands asynchronously: wait until every thread is stopped."""
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        states = [Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for t in os.listdir(f"/proc/{pid}/task")]
+        if all(st in "tT" for st in states):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} did not stop")
+
+
 def test_hung_server_times_out_then_recovers(tmp_path: Path,
                                              nbd_servers: list[NbdServer]) -> None:
     """A server that stops answering (SIGSTOP) costs at most the deadline."""
@@ -287,6 +299,7 @@ def test_hung_server_times_out_then_recovers(tmp_path: Path,
         src = await NbdSource.open(server.uri, FAST)
         try:
             os.kill(pid, signal.SIGSTOP)
+            wait_stopped(pid)
             try:
                 t0 = time.monotonic()
                 with pytest.raises(SourceError, match="timed out"):

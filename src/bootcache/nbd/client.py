@@ -307,6 +307,9 @@ class NbdConnection:
         except asyncio.CancelledError:
             self._fail(TransientError(f"{self.name}: connection closed"))
             raise
+        except Exception as e:
+            # Never leave requests waiting on a reader that died of a surprise.
+            self._fail(NbdProtocolError(f"{self.name}: reply handling failed: {describe(e)}"))
 
     async def _structured_chunk(self, head: bytes) -> None:
         flags, kind, handle, size = w.STRUCTURED_REPLY.unpack(bytes(4) + head)[1:]
@@ -581,7 +584,11 @@ class NbdSource(RemoteSource):
                 conn.abort()
             async with asyncio.timeout(self.options.connect_timeout):
                 conn = await NbdConnection.connect(self.addr, tls=self._tls, name=self.name)
-            self._adopt(conn.info)
+            try:
+                self._adopt(conn.info)
+            except BaseException:
+                conn.abort()
+                raise
             self._conns[slot] = conn
             return conn
 
