@@ -148,8 +148,8 @@ http {{
     sendfile on;
     keepalive_requests 100000;
     server {{
-        listen {host}:{port};
-        root {root};
+        listen {host}:{port}{ssl};
+        root {root};{ssl_conf}
         # Behaves like a server without range support: always 200 + whole file.
         location /norange/ {{ alias {root}/; max_ranges 0; }}
         # Slow replies, so a test can stop the server in the middle of one.
@@ -162,8 +162,11 @@ http {{
 class NginxServer(Daemon):
     """nginx serving ``root`` at http://127.0.0.1:PORT/ (+ /norange/ and /slow/)."""
 
-    def __init__(self, workdir: Path, *, slow_rate: str = "1m") -> None:
+    def __init__(self, workdir: Path, *, slow_rate: str = "1m",
+                 tls_dir: Path | None = None) -> None:
+        """With ``tls_dir`` (see make_tls_dir) it serves https instead."""
         self.root = workdir / "www"
+        self.scheme = "https" if tls_dir else "http"
         self.prefix = workdir / "nginx"
         for d in (self.root, self.prefix / "tmp"):
             d.mkdir(parents=True, exist_ok=True)
@@ -171,16 +174,19 @@ class NginxServer(Daemon):
         conf = self.prefix / "nginx.conf"
         # Workers of a root master run as nobody, who cannot read tmp_path.
         user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""
+        ssl_conf = (f"\n        ssl_certificate {tls_dir}/server-cert.pem;"
+                    f"\n        ssl_certificate_key {tls_dir}/server-key.pem;") if tls_dir else ""
         conf.write_text(_NGINX_CONF.format(user=user, prefix=self.prefix, host=LOOPBACK,
                                            port=self.port, root=self.root,
-                                           slow_rate=slow_rate))
+                                           slow_rate=slow_rate, ssl=" ssl" if tls_dir else "",
+                                           ssl_conf=ssl_conf))
         super().__init__(["nginx", "-c", str(conf), "-p", str(self.prefix),
                           "-g", "daemon off;"], self.prefix / "output.log",
                          lambda: tcp_open(self.port))
 
     def url(self, name: str, location: str = "") -> str:
         loc = f"{location.strip('/')}/" if location else ""
-        return f"http://{LOOPBACK}:{self.port}/{loc}{name}"
+        return f"{self.scheme}://{LOOPBACK}:{self.port}/{loc}{name}"
 
     def access_log(self) -> list[list[str]]:
         """Lines of the access log: connection serial, request number on it, status, ..."""

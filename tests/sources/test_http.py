@@ -7,6 +7,7 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -250,6 +251,34 @@ def test_server_restarted_during_read_recovers(nginx: NginxServer) -> None:
             await src.close()
 
     asyncio.run(go())
+
+
+def test_https(tmp_path: Path, tls_dir: Path) -> None:
+    server = NginxServer(tmp_path, tls_dir=tls_dir)
+    data = os.urandom(200_000)
+    server.put("base.img", data)
+    server.start()
+
+    async def go() -> None:
+        src = await HttpSource.open(server.url("base.img"), FAST,
+                                    ca_file=str(tls_dir / "ca-cert.pem"))
+        try:
+            assert await src.pread(100, 150_000) == data[100:150_100]
+        finally:
+            await src.close()
+        # An unknown CA is refused at once, not retried until the deadline.
+        t0 = time.monotonic()
+        with pytest.raises(SourceError, match=r"(?i)certificate"):
+            await HttpSource.open(server.url("base.img"), FAST)
+        assert time.monotonic() - t0 < 1.0
+        src = await HttpSource.open(server.url("base.img"), FAST, insecure=True)
+        await src.close()
+
+    try:
+        assert server.url("x").startswith("https://")
+        asyncio.run(go())
+    finally:
+        server.stop()
 
 
 def test_options_are_checked() -> None:
