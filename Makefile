@@ -1,11 +1,12 @@
 # Two commands get a fresh machine going:
-#   make demo   - installs everything (Debian packages, a venv) and runs the main job
+#   make demo   - installs everything (Debian packages, a venv) and runs the main job:
+#                 a quick boot storm (N VMs booting from one remote base, with and
+#                 without bootcache), printing its table
 #   make test   - runs the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_DIR ?= /tmp/bootcache-demo
 
-.PHONY: setup demo test lint
+.PHONY: setup demo bootstorm test lint
 
 setup: $(VENV)/.installed
 
@@ -17,7 +18,10 @@ $(VENV)/.installed: pyproject.toml .ci/install-deps
 	touch $@
 
 demo: setup
-	$(PY) -m bootcache.demo $(DEMO_DIR)
+	$(VENV)/bin/bootcache bench bootstorm --quick --out bench/out/quick
+
+bootstorm: setup
+	$(VENV)/bin/bootcache bench bootstorm --out bench/out/full
 
 test: setup
 	$(VENV)/bin/pytest -q

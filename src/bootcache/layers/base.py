@@ -79,6 +79,10 @@ class BlockLayer(ABC):
         """Cheap facts identifying the content version of this layer's storage."""
         return {}
 
+    def fingerprint(self) -> object:
+        """A cheap value that changes whenever the storage's identity does."""
+        return None
+
     async def prefetch(self, offset: int, length: int) -> None:
         """Bring a range into the nearest cache (NBD_CMD_CACHE); default: nothing."""
 

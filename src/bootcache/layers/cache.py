@@ -33,6 +33,7 @@ _SAMPLES = 8
 _SAMPLE_BYTES = 4096
 _FLUSH_INTERVAL = 1.0
 _ENOSPC_RETRY = 5.0
+_STORE_PIECE = 1 << 20
 
 
 def read_extension(img: Qcow2Image) -> CacheExtension | None:
@@ -58,6 +59,10 @@ class CacheLayer(BlockLayer):
         self._dirty_counters = False
         self._last_flush = time.monotonic()
         self._store_paused_until = 0.0
+        #: Clusters promised to stores in progress.
+        self._reserved = 0
+        self._base_fp: object = None
+        self._refused: StaleBaseError | None = None
 
     # -- opening -------------------------------------------------------------------
 
@@ -92,6 +97,7 @@ class CacheLayer(BlockLayer):
             # cleared our autoclear bit): every cached cluster must be proven.
             await self._revalidate()
         self.ext.identity = current
+        self._base_fp = self.base.fingerprint()
         self.ext.used_bytes = len(self.cached) * self.cs
         self.img.header.autoclear_features |= AUTOCLEAR_CACHE
         await self._persist_extension()
@@ -105,7 +111,7 @@ class CacheLayer(BlockLayer):
         for off in range(0, size, step):
             h.update(await self.base.pread(off, min(_SAMPLE_BYTES, size - off)))
         ident["virtual_size"] = size
-        ident["sample_sha256"] = h.hexdigest()
+        ident["content_sha256"] = h.hexdigest()
         return ident
 
     async def _revalidate(self) -> None:
@@ -146,27 +152,35 @@ class CacheLayer(BlockLayer):
 
     async def pread(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
+        if self._refused is not None:
+            raise self._refused
+        if self.base.fingerprint() != self._base_fp:
+            # Checked on every read, hits included: a warm cache never misses,
+            # and must still never serve bytes of a base that has changed.
+            await self._base_changed()
         img = self.img
-        runs = await img.map_range(offset, length)
-        ext = self.ext
-        if len(runs) == 1 and runs[0][0] == DATA:
-            # Fast path: a pure hit.
-            ext.hits += 1
-            ext.bytes_from_cache += length
-            self._dirty_counters = True
-            if ext.policy == cache_ext.POLICY_LRU:
-                self._touch(offset, length)
-            return await img.source.pread(runs[0][3], length)
-        parts = []
-        missed = False
-        for run in runs:
-            kind, guest, n, _ = run
-            if kind == UNALLOC:
-                missed = True
-                parts.append(await self._miss(guest, n))
-            else:
-                ext.bytes_from_cache += n
-                parts.append(await img._read_run(run))
+        # While this read runs, clusters it mapped are not released for reuse.
+        with img.reading():
+            runs = await img.map_range(offset, length)
+            ext = self.ext
+            if len(runs) == 1 and runs[0][0] == DATA:
+                # Fast path: a pure hit.
+                ext.hits += 1
+                ext.bytes_from_cache += length
+                self._dirty_counters = True
+                if ext.policy == cache_ext.POLICY_LRU:
+                    self._touch(offset, length)
+                return await img.source.pread(runs[0][3], length)
+            parts = []
+            missed = False
+            for run in runs:
+                kind, guest, n, _ = run
+                if kind == UNALLOC:
+                    missed = True
+                    parts.append(await self._miss(guest, n))
+                else:
+                    ext.bytes_from_cache += n
+                    parts.append(await img._read_run(run))
         if missed:
             ext.misses += 1
         else:
@@ -184,7 +198,16 @@ class CacheLayer(BlockLayer):
         return await self.img.block_status(offset, length)
 
     async def flush(self) -> None:
-        await self.img.flush()
+        try:
+            await self.img.flush()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # What is on disk stays consistent; unflushed stores are retried later
+            # or lost (leaked clusters), never wrong.
+            self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
+            log.warning("%s: no space to flush the cache (%s)", self.name, e)
+            return
         await self._persist_extension()
 
     async def close(self) -> None:
@@ -192,7 +215,12 @@ class CacheLayer(BlockLayer):
             if not self.img.closed:
                 await self.flush()
         finally:
-            await self.img.close()
+            try:
+                await self.img.close()
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                log.warning("%s: closed without flushing (%s)", self.name, e)
 
     # -- misses ---------------------------------------------------------------------
 
@@ -264,57 +292,95 @@ class CacheLayer(BlockLayer):
                 self.inflight.pop(ci, None)
 
     async def _check_base_unchanged(self) -> None:
-        current = self.base.identity()
-        recorded = self.ext.identity
-        if any(recorded.get(k) != v for k, v in current.items()):
-            # The base changed under us: cached clusters may be stale.
-            if self.ext.on_stale == cache_ext.ON_STALE_REFUSE:
-                raise StaleBaseError(f"{self.name}: the base changed while serving")
-            log.warning("%s: the base changed while serving; dropping the cache", self.name)
-            await self._drop_all()
-            self.ext.resets += 1
-            self.ext.identity = await self.base_identity()
-            await self._persist_extension()
+        if self.base.fingerprint() != self._base_fp:
+            await self._base_changed()
+
+    async def _base_changed(self) -> None:
+        """The base's identity changed while serving: refuse, or drop everything."""
+        if self.ext.on_stale == cache_ext.ON_STALE_REFUSE:
+            self._refused = StaleBaseError(
+                f"{self.name}: the base changed while serving; refusing (on_stale=refuse)")
+            log.error("%s", self._refused)
+            raise self._refused
+        log.warning("%s: the base changed while serving; dropping the cache", self.name)
+        self._base_fp = self.base.fingerprint()
+        await self._drop_all()
+        self.ext.resets += 1
+        self.ext.identity = await self.base_identity()
+        self._base_fp = self.base.fingerprint()
+        await self._persist_extension()
 
     # -- storing and the quota ---------------------------------------------------------
+
+    def _used(self) -> int:
+        """Clusters held or promised to stores in progress (what the quota counts)."""
+        return len(self.cached) + self._reserved
 
     async def _store(self, start: int, data: bytes) -> None:
         if time.monotonic() < self._store_paused_until:
             return
         cs, ext = self.cs, self.ext
         count = -(-len(data) // cs)
+        # Decide (evictions, room) and reserve before any await, so that
+        # concurrent stores can never take the cache past its quota together.
+        victims: list[int] = []
         if ext.policy == cache_ext.POLICY_LRU:
             high = ext.quota * ext.high_watermark // 100
-            if (len(self.cached) + count) * cs > high:
-                low = ext.quota * ext.low_watermark // 100
-                keep = max(low // cs - count, 0)
-                victims = [ci for ci in self.cached if ci not in self.inflight]
-                await self._evict(victims[:max(len(self.cached) - keep, 0)])
-        room = max(ext.quota // cs - len(self.cached), 0)
-        count = min(count, room)
-        if count <= 0:
-            return
+            if (self._used() + count) * cs > high:
+                keep = max(ext.quota * ext.low_watermark // 100 // cs - count, 0)
+                excess = self._used() - keep
+                victims = [ci for ci in self.cached if ci not in self.inflight][:max(excess, 0)]
+                for ci in victims:
+                    del self.cached[ci]
+        count = max(min(count, ext.quota // cs - self._used()), 0)
+        self._reserved += count
+        stored = 0
         try:
-            await self.img.pwrite(start * cs, memoryview(data)[:count * cs])
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            # The read still succeeds from the base; try caching again later.
-            self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
-            log.warning("%s: no space to cache (%s); serving from the base", self.name, e)
-            return
-        for ci in range(start, start + count):
-            self.cached[ci] = None
-        ext.clusters_stored += count
-        ext.used_bytes = len(self.cached) * cs
-        self._dirty_counters = True
+            if victims:
+                await self._evict(victims)
+            if count:
+                stored = await self._store_pieces(start, memoryview(data), count)
+        finally:
+            self._reserved -= count - stored  # stored clusters already moved to cached
+
+    async def _store_pieces(self, start: int, view: memoryview, count: int) -> int:
+        """Write ``count`` clusters in pieces, so that a disk filling up keeps
+        what fitted; when a piece does not fit, go on cluster by cluster.
+        Returns how many were stored."""
+        cs, ext = self.cs, self.ext
+        step = max(_STORE_PIECE // cs, 1)
+        first = start
+        while first < start + count:
+            n = min(step, start + count - first)
+            try:
+                await self.img.pwrite(first * cs, view[(first - start) * cs:
+                                                       (first - start + n) * cs])
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if step > 1:
+                    step = 1
+                    continue
+                # The read still succeeds from the base; try caching again later.
+                self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
+                log.warning("%s: no space to cache (%s); serving from the base", self.name, e)
+                break
+            for ci in range(first, first + n):
+                self.cached[ci] = None
+            self._reserved -= n
+            ext.clusters_stored += n
+            ext.used_bytes = len(self.cached) * cs
+            self._dirty_counters = True
+            first += n
+        return first - start
 
     async def _evict(self, victims: list[int]) -> None:
+        """Make clusters unallocated again (the caller already forgot them)."""
         if not victims:
             return
-        await self.img.unmap_clusters(victims)
         for ci in victims:
             self.cached.pop(ci, None)
+        await self.img.unmap_clusters(victims)
         self.ext.evictions += len(victims)
         self.ext.used_bytes = len(self.cached) * self.cs
         await self.img.flush()  # frees (and hole punching) happen at flush

@@ -104,8 +104,9 @@ async def _open(name: str, *, writable: bool, fmt: str | None, policy: ChainPoli
             keep_autoclear |= AUTOCLEAR_CACHE  # a cache stays a cache when opened as one
         img = await Qcow2Image.open(source, writable=writable, keep_autoclear=keep_autoclear,
                                     name=name)
+        # The cache extension means nothing without a base (spec, section 2).
         is_cache = (img.header.find_extension(EXT_CACHE) is not None and follow
-                    and policy.activate_caches)
+                    and policy.activate_caches and img.header.backing_file is not None)
         if is_cache and not writable:
             # A cache fills itself on reads, so it is always opened for writing
             # (clients still cannot write to it).

@@ -66,5 +66,8 @@ class RawLayer(BlockLayer):
     def identity(self) -> dict[str, Any]:
         return self.source.identity()
 
+    def fingerprint(self) -> object:
+        return self.source.fingerprint()
+
     async def close(self) -> None:
         await self.source.close()

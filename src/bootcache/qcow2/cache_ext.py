@@ -48,6 +48,8 @@ class CacheExtension:
     used_bytes: int = 0
     resets: int = 0
     identity: dict[str, Any] = field(default_factory=dict)
+    #: Flag bits (none defined yet): kept as found, as the spec requires.
+    flags: int = 0
 
     def validate(self) -> None:
         if self.policy not in POLICY_NAMES:
@@ -64,7 +66,7 @@ class CacheExtension:
         ident = json.dumps(self.identity, sort_keys=True, separators=(",", ":")).encode()
         if len(ident) > MAX_IDENTITY:
             raise ImageFormatError("cache extension: base identity too long")
-        return _FIXED.pack(VERSION, 0, self.quota, self.policy, self.high_watermark,
+        return _FIXED.pack(VERSION, self.flags, self.quota, self.policy, self.high_watermark,
                            self.low_watermark, self.on_stale, self.hits, self.misses,
                            self.bytes_from_base, self.bytes_from_cache, self.clusters_stored,
                            self.evictions, self.used_bytes, self.resets, len(ident)) + ident
@@ -73,7 +75,7 @@ class CacheExtension:
     def decode(cls, data: bytes) -> CacheExtension:
         if len(data) < FIXED_SIZE:
             raise ImageFormatError(f"cache extension: {len(data)} bytes, need {FIXED_SIZE}")
-        (version, _flags, quota, policy, high, low, on_stale, hits, misses, from_base,
+        (version, flags, quota, policy, high, low, on_stale, hits, misses, from_base,
          from_cache, stored, evictions, used, resets, ident_len) = _FIXED.unpack_from(data)
         if version != VERSION:
             raise ImageFormatError(f"cache extension: unsupported version {version}")
@@ -89,7 +91,7 @@ class CacheExtension:
         ext = cls(quota=quota, policy=policy, high_watermark=high, low_watermark=low,
                   on_stale=on_stale, hits=hits, misses=misses, bytes_from_base=from_base,
                   bytes_from_cache=from_cache, clusters_stored=stored, evictions=evictions,
-                  used_bytes=used, resets=resets, identity=identity)
+                  used_bytes=used, resets=resets, identity=identity, flags=flags)
         ext.validate()
         return ext
 

@@ -135,8 +135,10 @@ def create_qcow2(path: str, size: int, opts: CreateOptions | None = None) -> Non
         os.pwrite(fd, header_bytes, 0)
         os.pwrite(fd, bytes(table), cs)
         os.pwrite(fd, bytes(blocks), (1 + h.refcount_table_clusters) * cs)
-        # The L1 table is all zeros: extending the file is enough.
-        os.ftruncate(fd, total * cs)
+        # The L1 table is written (not left as a hole) so that updating it later
+        # never needs new disk space: a full disk must not block a flush.
+        l1_off = (1 + h.refcount_table_clusters + nblocks) * cs
+        os.pwrite(fd, bytes(total * cs - l1_off), l1_off)
         os.fsync(fd)
     finally:
         os.close(fd)

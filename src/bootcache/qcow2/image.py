@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from bootcache.errors import (
@@ -70,7 +72,12 @@ class Qcow2Image(BlockLayer):
             l2_cache_bytes // self.cs, self._load_l2, self._writeback_l2)
         self.l1_dirty: set[int] = set()
         self.l2_offsets = {int(e) & L1E_OFFSET_MASK for e in l1 if e & L1E_OFFSET_MASK}
-        self.pending_frees: list[tuple[int, int, bool]] = []
+        #: (first cluster, count, punch hole, epoch of the drop) awaiting release.
+        self.pending_frees: list[tuple[int, int, bool, int]] = []
+        # Reads in progress by the epoch they started in: a dropped cluster is
+        # released only once no read that may still map it is running.
+        self.epoch = 0
+        self.active_reads: dict[int, int] = {}
         self.unsynced_allocations = False
         self.lock = asyncio.Lock()
         self.file_size = 0
@@ -157,6 +164,9 @@ class Qcow2Image(BlockLayer):
     def identity(self) -> dict[str, Any]:
         return self.source.identity()
 
+    def fingerprint(self) -> object:
+        return self.source.fingerprint()
+
     # -- metadata overlap checks ------------------------------------------------
 
     def is_metadata(self, host: int) -> bool:
@@ -210,7 +220,7 @@ class Qcow2Image(BlockLayer):
         new_off = cluster << self.cb
         if off:
             table = array("Q", await self.l2_cache.get(off))
-            self.pending_frees.append((off >> self.cb, 1, False))
+            self._schedule_free(off >> self.cb, 1, False)
         else:
             table = array("Q", bytes(self.cs))
         # Write the new table at once, so that no refcount ever covers a
@@ -308,10 +318,11 @@ class Qcow2Image(BlockLayer):
 
     async def pread(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
-        runs = await self.map_range(offset, length)
-        if len(runs) == 1:
-            return await self._read_run(runs[0])
-        return b"".join([await self._read_run(r) for r in runs])
+        with self.reading():
+            runs = await self.map_range(offset, length)
+            if len(runs) == 1:
+                return await self._read_run(runs[0])
+            return b"".join([await self._read_run(r) for r in runs])
 
     async def _read_run(self, run: Mapping) -> bytes:
         kind, guest, length, host = run
@@ -438,7 +449,14 @@ class Qcow2Image(BlockLayer):
                 if any(self.is_metadata(host + (k << cb)) for k in range(got)):
                     raise ImageCorruptError(
                         f"{self.name}: allocator returned a metadata cluster at {host:#x}")
-                await self.source.pwrite(host, buf)
+                try:
+                    await self.source.pwrite(host, buf)
+                except BaseException:
+                    # Nothing references the new clusters yet: give them back
+                    # (on a full disk, leaking them would keep it full).
+                    await self.refcounts.update(start, got, -1)
+                    await self.source.punch_hole(host, got << cb)
+                    raise
                 self.file_size = max(self.file_size, host + len(buf))
                 for k in range(got):
                     self._drop_reference(table[l2i + k])
@@ -501,9 +519,28 @@ class Qcow2Image(BlockLayer):
         """Schedule the release of whatever an L2 entry being replaced pointed to."""
         if e & OFLAG_COMPRESSED:
             first, count = self.compressed_clusters(e)
-            self.pending_frees.append((first, count, False))
+            self._schedule_free(first, count, False)
         elif e & L2E_OFFSET_MASK:
-            self.pending_frees.append(((e & L2E_OFFSET_MASK) >> self.cb, 1, True))
+            self._schedule_free((e & L2E_OFFSET_MASK) >> self.cb, 1, True)
+
+    def _schedule_free(self, cluster: int, count: int, punch: bool) -> None:
+        self.pending_frees.append((cluster, count, punch, self.epoch))
+        self.epoch += 1  # reads starting from now on cannot map the dropped cluster
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Mark a read in progress: clusters it may have mapped stay unreleased."""
+        epoch = self.epoch
+        active = self.active_reads
+        active[epoch] = active.get(epoch, 0) + 1
+        try:
+            yield
+        finally:
+            left = active[epoch] - 1
+            if left:
+                active[epoch] = left
+            else:
+                del active[epoch]
 
     async def unmap_clusters(self, clusters: list[int]) -> None:
         """Make guest clusters unallocated again (reads go to the backing layer).
@@ -692,9 +729,11 @@ class Qcow2Image(BlockLayer):
                 await src.pwrite(self.header.l1_table_offset + 8 * lo, data)
             self.l1_dirty.clear()
             await src.flush()
-        if self.pending_frees:
-            frees, self.pending_frees = self.pending_frees, []
-            for cluster, count, punch in frees:
+        oldest_read = min(self.active_reads, default=self.epoch)
+        frees = [f for f in self.pending_frees if f[3] < oldest_read]
+        if frees:
+            self.pending_frees = [f for f in self.pending_frees if f[3] >= oldest_read]
+            for cluster, count, punch, _ in frees:
                 await self.refcounts.update(cluster, count, -1)
                 if punch and await self.refcounts.get(cluster) == 0:
                     await src.punch_hole(cluster << self.cb, count << self.cb)

@@ -50,5 +50,9 @@ class ByteSource(ABC):
         """Facts that identify this source's content version (size, ETag...)."""
         return {}
 
+    def fingerprint(self) -> object:
+        """A cheap value that changes whenever :meth:`identity` does."""
+        return tuple(sorted((k, repr(v)) for k, v in self.identity().items()))
+
     async def close(self) -> None:
         """Release the source; further calls are errors."""

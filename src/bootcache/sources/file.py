@@ -111,6 +111,10 @@ class FileSource(ByteSource):
         return {"kind": "file", "size": st.st_size, "inode": st.st_ino,
                 "mtime_ns": st.st_mtime_ns}
 
+    def fingerprint(self) -> object:
+        st = os.fstat(self.fd)
+        return (st.st_size, st.st_ino, st.st_mtime_ns)
+
     def sample_hash(self, samples: int = 16, chunk: int = 4096) -> str:
         """Hash of ``samples`` evenly spaced chunks: cheap evidence of content."""
         size = self.size_now()

@@ -1,0 +1,122 @@
+"""``bootcache bench bootstorm`` and ``bootcache trace record|replay``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import click
+
+from bootcache.storm import trace as tracemod
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected numbers separated by commas") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected numbers separated by commas") from None
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks."""
+
+
+@bench.command()
+@click.option("--quick", is_flag=True, help="A few seconds: N=1,4, pure I/O, four configurations.")
+@click.option("-n", "ns", help="VM counts, e.g. 1,2,4,8,16,32,64.")
+@click.option("--gaps", help="Gap scales, e.g. 0,0.5 (0 = pure I/O).")
+@click.option("--configs", help="Configurations, comma-separated (default: all).")
+@click.option("--rate", default="1G", show_default=True, help="Link rate, bits/s (nbdkit rate=).")
+@click.option("--trace", "trace_path", help="Boot trace (default: the shipped Debian 12 trace).")
+@click.option("--verify", type=click.Choice(["all", "sample"]), default="sample",
+              show_default=True, help="Check every replayed read, or a sample.")
+@click.option("--out", "outdir", default="bench/out", show_default=True)
+def bootstorm(quick: bool, ns: str | None, gaps: str | None, configs: str | None, rate: str,
+              trace_path: str | None, verify: str, outdir: str) -> None:
+    """N VMs booting at once from one remote base, with and without caches."""
+    from bootcache.storm import bench as storm
+
+    tr = tracemod.load(trace_path) if trace_path else tracemod.debian12()
+    s = storm.Settings(trace=tr, rate=rate, verify=verify)
+    if quick:
+        s.ns, s.gap_scales, s.configs, s.verify = (1, 4), (0.0,), storm.QUICK_CONFIGS, "all"
+    if ns:
+        s.ns = _ints(ns)
+    if gaps:
+        s.gap_scales = _floats(gaps)
+    if configs:
+        unknown = set(configs.split(",")) - set(storm.CONFIGS)
+        if unknown:
+            raise click.BadParameter(f"unknown configurations: {', '.join(sorted(unknown))}")
+        s.configs = tuple(configs.split(","))
+    sys.exit(storm.main(s, outdir))
+
+
+@click.group()
+def trace() -> None:
+    """Record and replay boot traces."""
+
+
+@trace.command()
+@click.option("--socket", "socket_path", required=True, help="Serve on this UNIX socket.")
+@click.option("-o", "--output", required=True, help="Trace file to write.")
+@click.argument("image")
+def record(socket_path: str, output: str, image: str) -> None:
+    """Serve IMAGE (export name: its file name) and record every read into a trace.
+
+    Boot a guest from nbd+unix:///NAME?socket=SOCKET; stop with SIGTERM or Ctrl-C.
+    """
+    from bootcache.cli.serve import open_image
+    from bootcache.layers.trace import TraceLayer
+    from bootcache.nbd.server import NBDServer
+
+    name = os.path.basename(image).removesuffix(".qcow2")
+
+    async def main() -> None:
+        with open(output, "w") as out:
+            layer = TraceLayer(await open_image(image, writable=False),
+                               tracemod.TraceWriter(out, f"recorded from {image}"))
+            server = NBDServer({name: layer})
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await server.listen_unix(socket_path, 0o600)
+            click.echo(f"recording reads of nbd+unix:///{name}?socket={socket_path} "
+                       f"into {output}", err=True)
+            try:
+                await stop.wait()
+            finally:
+                await server.shutdown()
+
+    asyncio.run(main())
+
+
+@trace.command()
+@click.argument("uri")
+@click.argument("trace_path", metavar="TRACE")
+@click.option("-n", "n", default=1, show_default=True, help="Simulated VMs.")
+@click.option("--gap-scale", default=0.0, show_default=True,
+              help="Scale of the recorded gaps between reads (0 = pure I/O).")
+def replay(uri: str, trace_path: str, n: int, gap_scale: float) -> None:
+    """Replay TRACE against the NBD export URI from N simulated VMs at once."""
+    from bootcache.storm.replay import replay_storm
+
+    tr = tracemod.load(trace_path)
+    results = asyncio.run(replay_storm(uri, tr, n, gap_scale=gap_scale))
+    times = sorted(r.seconds for r in results)
+    click.echo(f"{n} VMs: slowest {times[-1]:.3f} s, fastest {times[0]:.3f} s, "
+               f"mean {sum(times) / n:.3f} s, {sum(r.bytes for r in results) / 2**20:.1f} MiB read")
+
+
+COMMANDS = [bench, trace]
