@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 
@@ -70,17 +69,17 @@ def trace() -> None:
 @trace.command()
 @click.option("--socket", "socket_path", required=True, help="Serve on this UNIX socket.")
 @click.option("-o", "--output", required=True, help="Trace file to write.")
-@click.argument("image")
+@click.argument("image", metavar="IMAGE[=NAME]")
 def record(socket_path: str, output: str, image: str) -> None:
-    """Serve IMAGE (export name: its file name) and record every read into a trace.
+    """Serve IMAGE as NAME (as ``serve`` does) and record every read into a trace.
 
     Boot a guest from nbd+unix:///NAME?socket=SOCKET; stop with SIGTERM or Ctrl-C.
     """
-    from bootcache.cli.serve import open_image
+    from bootcache.cli.serve import open_image, parse_image_arg
     from bootcache.layers.trace import TraceLayer
     from bootcache.nbd.server import NBDServer
 
-    name = os.path.basename(image).removesuffix(".qcow2")
+    image, name = parse_image_arg(image)
 
     async def main() -> None:
         with open(output, "w") as out:
