@@ -15,7 +15,11 @@ nbdkit and qemu-nbd serve the raw file: the same data, bootcache's real path.
 
 Prints IOPS and MiB/s for each server and the ratios bootcache/nbdkit and
 bootcache/qemu-nbd (best of --repeat runs each, runs interleaved so that
-drift in machine load hits every server alike).
+drift in machine load hits every server alike). It also prints each
+server's CPU time per request (user + system, all its threads, from
+/proc/PID/stat): on a machine shared with other work, throughput follows
+the scheduler's share (a many-threaded server gets more of it), while CPU
+per request measures the server's own cost.
 """
 
 from __future__ import annotations
@@ -63,8 +67,16 @@ def wait_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 15) -
     raise RuntimeError(f"no socket at {path}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def server(kind: str, image: str, sock: str, cache: str | None = None) -> Iterator[str]:
+def server(kind: str, image: str, sock: str,
+           cache: str | None = None) -> Iterator[tuple[str, int]]:
     if kind == "bootcache":
         cmd = [PYTHON, "-m", "bootcache.cli.serve", "--read-only", "--socket", sock,
                f"{cache or image}=disk"]
@@ -76,7 +88,7 @@ def server(kind: str, image: str, sock: str, cache: str | None = None) -> Iterat
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_socket(sock, proc)
-        yield f"nbd+unix:///{'disk' if kind == 'bootcache' else ''}?socket={sock}"
+        yield f"nbd+unix:///{'disk' if kind == 'bootcache' else ''}?socket={sock}", proc.pid
     finally:
         proc.terminate()
         try:
@@ -94,18 +106,19 @@ def make_warm_cache(image: str, tmp: str) -> str:
     subprocess.run([PYTHON, "-m", "bootcache", "create", "-f", "qcow2", "-b", image, "-F",
                     "raw", "-o", "cache_img_quota=100G", cache], check=True,
                    capture_output=True)
-    with server("bootcache", image, os.path.join(tmp, "warm.sock"), cache) as uri:
+    with server("bootcache", image, os.path.join(tmp, "warm.sock"), cache) as (uri, _):
         subprocess.run(["nbdcopy", uri, "null:"], check=True)
     return cache
 
 
 def fio(uri: str, workload: list[str], runtime: int, size: int) -> dict[str, float]:
     cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--direct=1",
-           f"--size={size}", "--time_based", f"--runtime={runtime}", "--ramp_time=1",
+           f"--size={size}", "--time_based", f"--runtime={runtime}",
            "--numjobs=1", "--output-format=json", *workload]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]["read"]
-    return {"iops": float(job["iops"]), "mibs": float(job["bw_bytes"]) / (1 << 20)}
+    return {"iops": float(job["iops"]), "mibs": float(job["bw_bytes"]) / (1 << 20),
+            "ios": float(job["total_ios"])}
 
 
 def main() -> int:
@@ -139,20 +152,25 @@ def main() -> int:
             for _ in range(args.repeat):
                 for kind in kinds:
                     sock = os.path.join(tmp, f"{kind}.sock")
-                    with server(kind, image, sock, cache) as uri:
+                    with server(kind, image, sock, cache) as (uri, pid):
+                        cpu = cpu_seconds(pid)
                         r = fio(uri, WORKLOADS[name], args.runtime, size)
+                        r["cpu_us"] = (cpu_seconds(pid) - cpu) / max(r["ios"], 1) * 1e6
                     best = results.setdefault(name, {}).get(kind)
                     if best is None or r["iops"] > best["iops"]:
                         results[name][kind] = r
-        print(f"{'workload':<18} {'server':<10} {'IOPS':>10} {'MiB/s':>9}")
+        print(f"{'workload':<18} {'server':<10} {'IOPS':>10} {'MiB/s':>9} {'CPU us/req':>11}")
         for name, by_kind in results.items():
             for kind, r in by_kind.items():
-                print(f"{name:<18} {kind:<10} {r['iops']:>10.0f} {r['mibs']:>9.1f}")
+                print(f"{name:<18} {kind:<10} {r['iops']:>10.0f} {r['mibs']:>9.1f} "
+                      f"{r['cpu_us']:>11.1f}")
             mine = by_kind.get("bootcache")
             for other in ("nbdkit", "qemu-nbd"):
                 if mine and other in by_kind:
                     print(f"{name:<18} bootcache/{other}: "
-                          f"{mine['iops'] / by_kind[other]['iops']:.2f}x")
+                          f"{mine['iops'] / by_kind[other]['iops']:.2f}x throughput, "
+                          f"{by_kind[other]['cpu_us'] / mine['cpu_us']:.2f}x less CPU "
+                          f"per request")
     return 0
 
 
