@@ -497,13 +497,13 @@ class ServerConnection:
         if option == w.OPT_STRUCTURED_REPLY:
             if data:
                 return self._answer(option, w.REP_ERR_INVALID,
-                                          b"STRUCTURED_REPLY takes no data")
+                                    b"STRUCTURED_REPLY takes no data")
             self.structured = True
             return self._answer(option, w.REP_ACK)
         if option in (w.OPT_LIST_META_CONTEXT, w.OPT_SET_META_CONTEXT):
             return self._meta_context(option, data)
         return self._answer(option, w.REP_ERR_UNSUP,
-                                  f"option {w.name_of('option', option)} unsupported".encode())
+                            f"option {w.name_of('option', option)} unsupported".encode())
 
     def _lookup(self, name: str) -> tuple[str, ExportInfo] | None:
         if name == "" and self.exports:
@@ -536,7 +536,7 @@ class ServerConnection:
         found = self._lookup(name)
         if found is None:
             return self._answer(option, w.REP_ERR_UNKNOWN,
-                                      f"no export named {name!r}".encode()[:w.MAX_STRING])
+                                f"no export named {name!r}".encode()[:w.MAX_STRING])
         canonical, info = found
         wanted = {w.U16.unpack_from(data, 6 + name_len + 2 * i)[0] for i in range(count)}
         self._reply_option(option, w.REP_INFO, w.INFO_EXPORT_PAYLOAD.pack(
@@ -560,7 +560,7 @@ class ServerConnection:
             self.contexts, self._context_export = (), None
             if not self.structured:
                 return self._answer(option, w.REP_ERR_INVALID,
-                                          b"structured replies not negotiated")
+                                    b"structured replies not negotiated")
         parsed = _parse_meta_request(data)
         if parsed is None:
             return self._answer(option, w.REP_ERR_INVALID, b"malformed request")
@@ -568,7 +568,7 @@ class ServerConnection:
         found = self._lookup(name)
         if found is None:
             return self._answer(option, w.REP_ERR_UNKNOWN,
-                                      f"no export named {name!r}".encode()[:w.MAX_STRING])
+                                f"no export named {name!r}".encode()[:w.MAX_STRING])
         selected: list[str] = []
         for query in queries if queries or setting else ["base:", "qemu:"]:
             for ctx in _CONTEXT_IDS:
