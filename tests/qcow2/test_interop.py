@@ -496,3 +496,42 @@ def test_backing_format_is_honoured(tmp_path: Path) -> None:
     expected = qemu_raw_bytes(img)
     assert expected[:4] == b"QFI\xfb"
     assert_same_bytes(bootcache_read_all(img), expected, "qcow2 bytes as a raw backing file")
+
+
+def test_many_l2_tables_evicted_and_reloaded(tmp_path: Path, rng: random.Random) -> None:
+    """More L2 tables than the engine's bounded L2 cache holds (2 MiB clusters: one table
+    maps 512 GiB), written, evicted, reloaded and written again."""
+    cs = 2 * MiB
+    region = cs // 8 * cs  # guest bytes one L2 table maps
+    regions = 40
+    size = regions * region
+    img = tmp_path / "big.qcow2"
+    bootcache.create(str(img), size, cluster_size=cs)
+    written: dict[int, bytes] = {}  # guest offset -> data (non-overlapping ranges)
+    order = list(range(regions)) + rng.sample(range(regions), regions) + list(range(regions))
+    with bootcache.open(str(img), writable=True) as disk:
+        for visit, k in enumerate(order):
+            off = k * region + visit * 2 * cs + rng.randrange(0, cs - 5000)  # never overlap
+            data = bytes([visit % 250 + 1]) * rng.randrange(1, 5000)
+            disk.write(off, data)
+            written[off] = data
+            if visit % 25 == 24:
+                disk.flush()
+        for off, data in written.items():
+            assert disk.read(off, len(data)) == data, off
+        # Drop a few: zeroes and discards on whole clusters free host clusters.
+        for off in list(written)[::10]:
+            start = off // cs * cs
+            if rng.random() < 0.5:
+                disk.discard(start, cs)
+            else:
+                disk.write_zeroes(start, cs)
+            for o in [o for o in written if start <= o < start + cs]:
+                del written[o]
+    assert_qemu_check_clean(img)
+    cmds = [f"read -q -P {data[0]:#x} {off} {len(data)}" for off, data in written.items()]
+    cmds += [f"read -q -P 0 {k * region + 100 * cs} 4096" for k in range(regions)]
+    run_qemu_io(img, cmds)
+    with bootcache.open(str(img)) as disk:
+        for off, data in written.items():
+            assert disk.read(off, len(data)) == data, off
