@@ -79,6 +79,9 @@ class BlockLayer(ABC):
         """Cheap facts identifying the content version of this layer's storage."""
         return {}
 
+    async def refresh_identity(self) -> None:
+        """Adopt the storage's current version after it changed."""
+
     def fingerprint(self) -> object:
         """A cheap value that changes whenever the storage's identity does."""
         return None

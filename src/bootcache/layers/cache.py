@@ -62,6 +62,8 @@ class CacheLayer(BlockLayer):
         #: Clusters promised to stores in progress.
         self._reserved = 0
         self._base_fp: object = None
+        #: Bumped whenever the cache is dropped: fetches from before must not be stored.
+        self._generation = 0
         self._refused: StaleBaseError | None = None
 
     # -- opening -------------------------------------------------------------------
@@ -132,10 +134,13 @@ class CacheLayer(BlockLayer):
             await self.img.flush()
 
     async def _drop_all(self) -> None:
-        if self.cached:
-            await self.img.unmap_clusters(list(self.cached))
-            self.cached.clear()
+        # Stores in progress see the new generation and stop; what they already
+        # wrote is allocated by then, and unmapped here with the rest.
+        self._generation += 1
+        self.cached.clear()
+        if await self.img.unmap_all():
             await self.img.flush()
+        self.cached.clear()
 
     # -- BlockLayer -----------------------------------------------------------------
 
@@ -272,7 +277,14 @@ class CacheLayer(BlockLayer):
         futs = [self.inflight[ci] for ci in range(start, start + count)]
         try:
             await self._check_base_unchanged()
-            data = await self.img.read_below(off, n)
+            generation = self._generation
+            try:
+                data = await self.img.read_below(off, n)
+            except StaleBaseError:
+                # The source saw a new version (ETag) in the middle of reading.
+                await self._base_changed()
+                generation = self._generation
+                data = await self.img.read_below(off, n)
         except BaseException as e:
             for ci, fut in zip(range(start, start + count), futs, strict=True):
                 if not fut.done():
@@ -285,7 +297,8 @@ class CacheLayer(BlockLayer):
         for k, fut in enumerate(futs):
             fut.set_result(bytes(view[k * cs:(k + 1) * cs]))
         try:
-            await self._store(start, data)
+            if generation == self._generation:
+                await self._store(start, data, generation)
         finally:
             # Only now: until the store lands, newcomers must reuse these results.
             for ci in range(start, start + count):
@@ -306,6 +319,7 @@ class CacheLayer(BlockLayer):
         self._base_fp = self.base.fingerprint()
         await self._drop_all()
         self.ext.resets += 1
+        await self.base.refresh_identity()
         self.ext.identity = await self.base_identity()
         self._base_fp = self.base.fingerprint()
         await self._persist_extension()
@@ -316,7 +330,7 @@ class CacheLayer(BlockLayer):
         """Clusters held or promised to stores in progress (what the quota counts)."""
         return len(self.cached) + self._reserved
 
-    async def _store(self, start: int, data: bytes) -> None:
+    async def _store(self, start: int, data: bytes, generation: int) -> None:
         if time.monotonic() < self._store_paused_until:
             return
         cs, ext = self.cs, self.ext
@@ -339,11 +353,12 @@ class CacheLayer(BlockLayer):
             if victims:
                 await self._evict(victims)
             if count:
-                stored = await self._store_pieces(start, memoryview(data), count)
+                stored = await self._store_pieces(start, memoryview(data), count, generation)
         finally:
             self._reserved -= count - stored  # stored clusters already moved to cached
 
-    async def _store_pieces(self, start: int, view: memoryview, count: int) -> int:
+    async def _store_pieces(self, start: int, view: memoryview, count: int,
+                            generation: int) -> int:
         """Write ``count`` clusters in pieces, so that a disk filling up keeps
         what fitted; when a piece does not fit, go on cluster by cluster.
         Returns how many were stored."""
@@ -365,6 +380,8 @@ class CacheLayer(BlockLayer):
                 self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
                 log.warning("%s: no space to cache (%s); serving from the base", self.name, e)
                 break
+            if generation != self._generation:
+                break  # the cache was dropped meanwhile: this piece is being unmapped
             for ci in range(first, first + n):
                 self.cached[ci] = None
             self._reserved -= n

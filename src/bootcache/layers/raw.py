@@ -66,6 +66,10 @@ class RawLayer(BlockLayer):
     def identity(self) -> dict[str, Any]:
         return self.source.identity()
 
+    async def refresh_identity(self) -> None:
+        await self.source.refresh_identity()
+        self._size = await self.source.size()
+
     def fingerprint(self) -> object:
         return self.source.fingerprint()
 

@@ -25,6 +25,7 @@ from typing import Any
 from bootcache.errors import (
     ImageCorruptError,
     ReadOnlyError,
+    StaleBaseError,
     UnsupportedFeatureError,
 )
 from bootcache.layers.base import BlockLayer, Extent
@@ -163,6 +164,12 @@ class Qcow2Image(BlockLayer):
 
     def identity(self) -> dict[str, Any]:
         return self.source.identity()
+
+    async def refresh_identity(self) -> None:
+        if self.source.writable or not self.source.identity():
+            return
+        # A qcow2 file that changed under us has metadata we may have cached.
+        raise StaleBaseError(f"{self.name}: the qcow2 image changed; reopen it")
 
     def fingerprint(self) -> object:
         return self.source.fingerprint()
@@ -550,15 +557,26 @@ class Qcow2Image(BlockLayer):
         """
         self._require_writable()
         async with self.lock:
-            for ci in sorted(clusters):
-                l1i, l2i = divmod(ci, self.l2_entries)
-                table = await self._l2_table(l1i)
-                if table is None or not table[l2i]:
-                    continue
-                _, table = await self._l2_table_for_write(l1i)
-                self._drop_reference(table[l2i])
-                table[l2i] = 0
-                self.l2_cache.mark_dirty(table_offset(self, l1i), table)
+            await self._unmap_locked(clusters)
+
+    async def unmap_all(self) -> int:
+        """Make every data and zero cluster unallocated; returns how many."""
+        self._require_writable()
+        async with self.lock:
+            clusters = await self.allocated_clusters() + await self.allocated_clusters(zero=True)
+            await self._unmap_locked(clusters)
+            return len(clusters)
+
+    async def _unmap_locked(self, clusters: list[int]) -> None:
+        for ci in sorted(clusters):
+            l1i, l2i = divmod(ci, self.l2_entries)
+            table = await self._l2_table(l1i)
+            if table is None or not table[l2i]:
+                continue
+            _, table = await self._l2_table_for_write(l1i)
+            self._drop_reference(table[l2i])
+            table[l2i] = 0
+            self.l2_cache.mark_dirty(table_offset(self, l1i), table)
 
     async def allocated_clusters(self, *, zero: bool = False) -> list[int]:
         """Guest clusters with data in this image (with ``zero``: zero clusters)."""

@@ -50,6 +50,10 @@ class ByteSource(ABC):
         """Facts that identify this source's content version (size, ETag...)."""
         return {}
 
+    async def refresh_identity(self) -> dict[str, Any]:
+        """Adopt the content's current version after it changed; returns its identity."""
+        return self.identity()
+
     def fingerprint(self) -> object:
         """A cheap value that changes whenever :meth:`identity` does."""
         return tuple(sorted((k, repr(v)) for k, v in self.identity().items()))

@@ -285,6 +285,20 @@ class RemoteSource(ByteSource):
     def identity(self) -> dict[str, Any]:
         return dict(self._identity)
 
+    async def current_identity(self) -> dict[str, Any]:
+        """The object's identity as the server tells it now."""
+        return self.identity()
+
+    def _set_identity(self, ident: dict[str, Any]) -> None:
+        self._identity = ident
+        self._size = ident["size"]
+
+    async def refresh_identity(self) -> dict[str, Any]:
+        """Adopt the object's current version: reads stop failing with
+        SourceChangedError (the caller has dropped what it held of the old one)."""
+        self._set_identity(await self.current_identity())
+        return self.identity()
+
     def stats(self) -> dict[str, int | float]:
         """Counters since the source was opened (requests, bytes, errors...)."""
         return self.resilience.stats.as_dict()
