@@ -49,7 +49,7 @@ class CrashCase:
     compat: str = "1.1"
     refcount_bits: int = 16
     backing_fmt: str | None = None
-    runs: int = 11
+    runs: int = 9
 
     @property
     def discards(self) -> bool:

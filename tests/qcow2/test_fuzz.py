@@ -54,4 +54,4 @@ def test_fuzz_differential_against_qemu(tmp_path: Path) -> None:
         f"(write={f['write']}): {f['mutations']}\n{f['traceback']}"
         for f in report.failures)
     assert not report.failures, f"{report.summary()}\n{details}"
-    assert report.compared >= 20, report.summary()
+    assert report.compared >= 10, report.summary()
