@@ -270,3 +270,15 @@ def test_map_matches_qemu_img(tmp_path: Path) -> None:
     assert _segments(ours) == _segments(theirs), (ours, theirs)
     human = bootcache_cli("map", img)
     assert human.returncode == 0 and human.stdout
+
+
+def test_map_zero_clusters_that_keep_their_allocation(tmp_path: Path) -> None:
+    """qemu-img map gives the host offset of a zero cluster that keeps its allocation
+    ("zero": true, "data": false, "offset": ...)."""
+    img = tmp_path / "img.qcow2"
+    qemu_img_create(img, MiB)
+    run_qemu_io(img, ["write -q -P 1 0 256k", "write -q -z 64k 64k"])
+    theirs = json.loads(run_qemu_img("map", "--output", "json", img).stdout)
+    assert any(e["zero"] and "offset" in e for e in theirs), theirs
+    ours = cli_json("map", "--output", "json", img)
+    assert _segments(ours) == _segments(theirs), (ours, theirs)
