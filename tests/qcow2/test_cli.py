@@ -282,3 +282,51 @@ def test_map_zero_clusters_that_keep_their_allocation(tmp_path: Path) -> None:
     assert any(e["zero"] and "offset" in e for e in theirs), theirs
     ours = cli_json("map", "--output", "json", img)
     assert _segments(ours) == _segments(theirs), (ours, theirs)
+
+
+def _corrupt(img: Path, kind: str) -> None:
+    data = bytearray(img.read_bytes())
+    l1 = _u(bytes(data), 40, 8)
+    l2 = _u(bytes(data), l1, 8) & 0x00FFFFFFFFFFFE00
+    e0 = _u(bytes(data), l2, 8)
+    if kind == "l2-copied-missing":  # refcount 1 but no COPIED flag: QEMU calls it an error
+        data[l2:l2 + 8] = (e0 & ~(1 << 63)).to_bytes(8, "big")
+    elif kind == "l1-copied-missing":
+        e = _u(bytes(data), l1, 8)
+        data[l1:l1 + 8] = (e & ~(1 << 63)).to_bytes(8, "big")
+    elif kind == "two-l2-entries-one-cluster":  # cluster 1 points at cluster 0's data too
+        data[l2 + 8:l2 + 16] = e0.to_bytes(8, "big")
+    img.write_bytes(data)
+    if kind == "refcount-zero":
+        set_refcount(img, data_cluster(img, 0), 0)
+    elif kind == "refcount-three":
+        set_refcount(img, data_cluster(img, 0), 3)
+    elif kind == "leak-in-middle":
+        size = img.stat().st_size
+        with open(img, "ab") as f:
+            f.truncate(size + 3 * 65536)
+        set_refcount(img, size // 65536 + 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["l2-copied-missing", "l1-copied-missing",
+                                  "two-l2-entries-one-cluster", "refcount-zero",
+                                  "refcount-three", "leak-in-middle"])
+def test_check_repair_all_like_qemu_img(tmp_path: Path, kind: str) -> None:
+    """``bootcache check -r all`` repairs what ``qemu-img check -r all`` repairs: both
+    leave an image qemu-img finds clean, with the same guest data."""
+    img = tmp_path / "img.qcow2"
+    qemu_img_create(img, 4 * MiB)
+    run_qemu_io(img, ["write -q -P 0x31 0 192k", "write -q -P 0x32 1M 64k"])
+    _corrupt(img, kind)
+    theirs_img = tmp_path / "theirs.qcow2"
+    theirs_img.write_bytes(img.read_bytes())
+    before = qemu_img_check(img)
+    assert before["exit-code"] in (2, 3), before
+    ours = bootcache_cli("check", "--output", "json", img)
+    assert ours.returncode == before["exit-code"], (ours.stdout, before)
+    run_qemu_img("check", "-r", "all", theirs_img, check=False)
+    assert_qemu_check_clean(theirs_img)
+    proc = bootcache_cli("check", "-r", "all", img)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert_qemu_check_clean(img)
+    assert_same_bytes(qemu_raw_bytes(img), qemu_raw_bytes(theirs_img), "repaired contents")
