@@ -614,8 +614,10 @@ class NBDServer:
         layers = {id(e.layer): e.layer for e in self.exports.values()}
         for layer in layers.values():
             try:
-                if not layer.read_only:
-                    await layer.flush()
+                settle = getattr(layer, "settle", None)
+                if settle is not None:
+                    await settle()  # background work (cache stores) first
+                await layer.flush()  # a read-only cache export still writes itself
             except Exception:
                 log.exception("%s: flush at shutdown failed", layer.name)
             try:
