@@ -32,7 +32,14 @@ class Image:
         return self.layer.size
 
     def read(self, offset: int, length: int) -> bytes:
-        return self._loop.run_until_complete(self.layer.pread(offset, length))
+        return self._loop.run_until_complete(self._read(offset, length))
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        data = await self.layer.pread(offset, length)
+        # Between calls nothing runs the event loop: finish what the read
+        # started (a cache storing what it fetched) before returning.
+        await self.layer.settle()
+        return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._loop.run_until_complete(self.layer.pwrite(offset, data))

@@ -79,6 +79,9 @@ class BlockLayer(ABC):
         """Cheap facts identifying the content version of this layer's storage."""
         return {}
 
+    async def settle(self) -> None:
+        """Wait for background work started by earlier calls (cache stores)."""
+
     async def refresh_identity(self) -> None:
         """Adopt the storage's current version after it changed."""
 

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from typing import Any
 
 from bootcache.errors import BootcacheError, ImageFormatError, StaleBaseError
@@ -65,6 +66,8 @@ class CacheLayer(BlockLayer):
         #: Bumped whenever the cache is dropped: fetches from before must not be stored.
         self._generation = 0
         self._refused: StaleBaseError | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_task: asyncio.Task[None] | None = None
 
     # -- opening -------------------------------------------------------------------
 
@@ -196,6 +199,10 @@ class CacheLayer(BlockLayer):
         await self._maybe_flush()
         return b"".join(parts)
 
+    async def settle(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def prefetch(self, offset: int, length: int) -> None:
         await self.pread(offset, length)
 
@@ -217,6 +224,10 @@ class CacheLayer(BlockLayer):
 
     async def close(self) -> None:
         try:
+            # Let stores in progress land (they are part of what close persists).
+            await self.settle()
+            if self._flush_task is not None:
+                self._flush_task.cancel()
             if not self.img.closed:
                 await self.flush()
         finally:
@@ -251,11 +262,9 @@ class CacheLayer(BlockLayer):
         for start, count in fetches:
             for ci in range(start, start + count):
                 waits[ci] = self.inflight[ci] = loop.create_future()
-        results = await asyncio.gather(*(self._fetch(s, c) for s, c in fetches),
-                                       return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+            # The fetch stores in the background: the reader waits for the
+            # bytes (its futures), never for the cache write.
+            self._background(self._fetch(start, count))
         chunks = []
         for ci in range(first, last + 1):
             fut = waits.get(ci)
@@ -410,8 +419,25 @@ class CacheLayer(BlockLayer):
 
     # -- persistence ------------------------------------------------------------------
 
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Readers got the error through their futures; this is the store side.
+            log.debug("%s: background fetch failed: %s", self.name, task.exception())
+
     async def _maybe_flush(self) -> None:
-        if time.monotonic() - self._last_flush >= _FLUSH_INTERVAL:
+        """Schedule a flush (counters, stored clusters) about a second from now."""
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(max(self._last_flush + _FLUSH_INTERVAL - time.monotonic(), 0))
+        if not self.img.closed:
             await self.flush()
 
     async def _persist_extension(self) -> None:

@@ -48,6 +48,9 @@ class TraceLayer(BlockLayer):
     async def prefetch(self, offset: int, length: int) -> None:
         await self.below.prefetch(offset, length)
 
+    async def settle(self) -> None:
+        await self.below.settle()
+
     def identity(self) -> dict[str, Any]:
         return self.below.identity()
 

@@ -165,6 +165,10 @@ class Qcow2Image(BlockLayer):
     def identity(self) -> dict[str, Any]:
         return self.source.identity()
 
+    async def settle(self) -> None:
+        if self.backing is not None:
+            await self.backing.settle()
+
     async def refresh_identity(self) -> None:
         if self.source.writable or not self.source.identity():
             return
