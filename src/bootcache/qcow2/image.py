@@ -50,6 +50,8 @@ UNALLOC, DATA, ZERO, COMPRESSED = 0, 1, 2, 3
 Mapping = tuple[int, int, int, int]  # (kind, guest offset, length, host offset or L2 entry)
 
 _MAX_WRITE_CHUNK = 32 << 20
+# L2 entry bits that make a cluster anything but plain data.
+_NOT_PLAIN_DATA = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED_MASK
 
 
 class Qcow2Image(BlockLayer):
@@ -245,6 +247,25 @@ class Qcow2Image(BlockLayer):
         return new_off, table
 
     # -- mapping --------------------------------------------------------------
+
+    def data_host(self, offset: int, length: int) -> int:
+        """Host offset of a range inside one normal data cluster whose L2 table
+        is cached, else -1: the lookup of a hot read, with no await and no
+        allocation (the general path is :meth:`map_range`)."""
+        cb = self.cb
+        ci = offset >> cb
+        if (offset + length - 1) >> cb != ci or self.extended:
+            return -1
+        l1i, l2i = divmod(ci, self.l2_entries)
+        if l1i >= len(self.l1):
+            return -1
+        table = self.l2_cache.peek(self.l1[l1i] & L1E_OFFSET_MASK)
+        if table is None:
+            return -1
+        e = table[l2i]
+        if e & _NOT_PLAIN_DATA or not e & L2E_OFFSET_MASK:
+            return -1
+        return (e & L2E_OFFSET_MASK) + (offset & (self.cs - 1))
 
     async def map_range(self, offset: int, length: int) -> list[Mapping]:
         """Describe [offset, offset+length) as merged runs of one kind each.
