@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
 
 from bootcache.cli.images import INFO_HOOKS, run
 from bootcache.errors import ImageFormatError
-from bootcache.layers.cache import read_extension
+from bootcache.layers.cache import live_stats_path, read_extension
 from bootcache.qcow2 import cache_ext
 from bootcache.qcow2.format import AUTOCLEAR_CACHE
 from bootcache.qcow2.image import Qcow2Image
@@ -53,9 +54,25 @@ async def read_stats(path: str) -> dict[str, Any]:
             raise ImageFormatError(f"{path}: not a cache image")
         stats: dict[str, Any] = {"filename": path, **ext.counters(), "quota": ext.quota,
                                  "policy": cache_ext.POLICY_NAMES[ext.policy]}
+        live = read_live_stats(path)
+        if live is not None:
+            # A running daemon's counters are newer than the ones it last saved.
+            stats.update({k: v for k, v in live.items() if k not in ("pid", "time")})
+            stats["live-from-pid"] = live["pid"]
         return stats
     finally:
         await source.close()
+
+
+def read_live_stats(path: str) -> dict[str, Any] | None:
+    """Counters published by the daemon serving ``path``, if it is running."""
+    try:
+        with open(live_stats_path(path)) as f:
+            live: dict[str, Any] = json.load(f)
+        os.kill(int(live["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return live
 
 
 @click.group()

@@ -25,6 +25,8 @@ import click
 
 from bootcache.errors import BootcacheError, UnsupportedFeatureError
 from bootcache.layers.base import BlockLayer
+from bootcache.layers.cache import caches_in
+from bootcache.layers.chain import ChainPolicy
 from bootcache.layers.raw import RawLayer
 from bootcache.nbd.server import NBDServer
 from bootcache.sources.file import FileSource
@@ -53,7 +55,7 @@ async def open_image(path: str, *, writable: bool) -> BlockLayer:
         opener = _qcow2_opener()
         if opener is None:
             raise UnsupportedFeatureError(f"{path}: qcow2 images need the qcow2 engine")
-        layer: BlockLayer = await opener(path, writable=writable)
+        layer: BlockLayer = await opener(path, writable=writable, policy=ChainPolicy.from_env())
         return layer
     return await RawLayer.open(FileSource(path, writable=writable), read_only=not writable)
 
@@ -107,6 +109,9 @@ async def run_server(images: list[tuple[str, str]], *, socket_path: str | None,
         for layer in layers.values():
             await layer.close()
         raise
+    for layer in layers.values():
+        for cache in caches_in(layer):
+            cache.start_publishing()  # live counters for `bootcache cache stats`
     server = NBDServer(layers, ssl_context=ssl_context, tls_required=tls_required)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -36,6 +38,7 @@ _FLUSH_INTERVAL = 1.0
 _ENOSPC_RETRY = 5.0
 _STORE_PIECE = 1 << 20
 _FINGERPRINT_INTERVAL_NS = 200_000
+_STATS_INTERVAL = 1.0
 
 
 def read_extension(img: Qcow2Image) -> CacheExtension | None:
@@ -73,6 +76,7 @@ class CacheLayer(BlockLayer):
         self._pread_now: Callable[[int, int], bytes] | None = getattr(
             img.source, "pread_now", None)
         self._flush_task: asyncio.Task[None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
 
     # -- opening -------------------------------------------------------------------
 
@@ -249,6 +253,12 @@ class CacheLayer(BlockLayer):
             await self.settle()
             if self._flush_task is not None:
                 self._flush_task.cancel()
+            if self._stats_task is not None:
+                self._stats_task.cancel()
+                try:
+                    os.unlink(self.stats_path())
+                except OSError:
+                    pass
             if not self.img.closed:
                 await self.flush()
         finally:
@@ -475,7 +485,57 @@ class CacheLayer(BlockLayer):
         out: dict[str, Any] = dict(self.ext.counters())
         out.update(quota=self.ext.quota, policy=cache_ext.POLICY_NAMES[self.ext.policy],
                    cached_clusters=len(self.cached), cluster_size=self.cs)
+        source = getattr(self.base, "source", None)
+        source_stats = getattr(source, "stats", None)
+        if callable(source_stats):
+            out["source"] = {"name": getattr(source, "name", ""), **source_stats()}
         return out
 
+    # -- live statistics for other processes --------------------------------------
 
-__all__ = ["BootcacheError", "CacheLayer", "read_extension"]
+    def stats_path(self) -> str:
+        return live_stats_path(self.img.source.name)
+
+    async def _publish_stats(self) -> None:
+        """Every second, write the live counters next to the image (atomically),
+        so ``bootcache cache stats`` can show a running daemon's numbers."""
+        path = self.stats_path()
+        last = None
+        while True:
+            snapshot = self.stats()
+            if snapshot != last:
+                doc = {"pid": os.getpid(), "time": time.time(), **snapshot}
+                tmp = f"{path}.{os.getpid()}.tmp"
+                try:
+                    with open(tmp, "w") as f:
+                        json.dump(doc, f)
+                    os.replace(tmp, path)
+                except OSError as e:
+                    log.debug("%s: cannot publish stats: %s", self.name, e)
+                last = snapshot
+            await asyncio.sleep(_STATS_INTERVAL)
+
+    def start_publishing(self) -> None:
+        """Publish live stats while the event loop runs (the daemon calls this)."""
+        if self._stats_task is None:
+            self._stats_task = asyncio.get_running_loop().create_task(self._publish_stats())
+
+
+def caches_in(layer: BlockLayer) -> list[CacheLayer]:
+    """The cache layers in a stack (an export may be an overlay over a cache)."""
+    found: list[CacheLayer] = []
+    node: BlockLayer | None = layer
+    while node is not None:
+        if isinstance(node, CacheLayer):
+            found.append(node)
+            node = node.base
+        else:
+            node = getattr(node, "backing", None) or getattr(node, "below", None)
+    return found
+
+
+def live_stats_path(image_path: str) -> str:
+    return f"{image_path}.stats.json"
+
+
+__all__ = ["BootcacheError", "CacheLayer", "live_stats_path", "read_extension"]
