@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,34 @@ def _check(actual: bytes, model: bytearray, pending: list[tuple[int, bytes]],
                 continue
             raise AssertionError(f"{what}: flushed byte {i:#x} is {actual[i]:#04x}, "
                                  f"expected {model[i]:#04x}")
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_flush_leaves_no_write_unsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        compat: str) -> None:
+    """The plainest form of the durability promise: when ``flush()`` returns, every write
+    bootcache made to the image file has been followed by a sync."""
+    img = tmp_path / "img.qcow2"
+    bootcache.create(str(img), 8 * MiB, compat=compat)
+    rec = Recorder(img.stat().st_ino, [])
+    install(monkeypatch, rec)
+    with bootcache.open(str(img), writable=True) as disk:
+        steps: list[tuple[str, Callable[[], None]]] = [
+                 ("first write", lambda: disk.write(0, b"a" * 65536)),
+                 ("write into a new cluster, same L2 table", lambda: disk.write(MiB, b"b" * 100)),
+                 ("rewrite in place", lambda: disk.write(MiB + 50, b"c" * 10)),
+                 ("discard", lambda: disk.discard(0, 65536)),
+                 ("write zeroes", lambda: disk.write_zeroes(MiB, 65536))]
+        for what, step in steps:
+            step()
+            disk.flush()
+            unsynced = []
+            for ev in reversed(rec.events):
+                if ev[0] == SYNC:
+                    break
+                unsynced.append(ev)
+            if unsynced:
+                desc = [(e[0], hex(e[1]), len(e[2]) if e[0] == WRITE else e[2])
+                        for e in unsynced]
+                raise AssertionError(
+                    f"after {what}, flush() returned with writes not synced: {desc}")
