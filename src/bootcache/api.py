@@ -13,11 +13,16 @@ be used from plain synchronous code (not from inside a running loop: use
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from types import TracebackType
+from typing import Any, TypeVar
 
+from bootcache.errors import BootcacheError
 from bootcache.layers.base import BlockLayer, Extent
 from bootcache.layers.chain import ChainPolicy, open_layer
 from bootcache.qcow2.create import CreateOptions, create_qcow2, create_raw
+
+T = TypeVar("T")
 
 
 class Image:
@@ -31,8 +36,14 @@ class Image:
     def size(self) -> int:
         return self.layer.size
 
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()  # never started: no "never awaited" warning
+            raise BootcacheError(f"{self.layer.name}: the image is closed")
+        return self._loop.run_until_complete(coro)
+
     def read(self, offset: int, length: int) -> bytes:
-        return self._loop.run_until_complete(self._read(offset, length))
+        return self._run(self._read(offset, length))
 
     async def _read(self, offset: int, length: int) -> bytes:
         data = await self.layer.pread(offset, length)
@@ -42,20 +53,19 @@ class Image:
         return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._loop.run_until_complete(self.layer.pwrite(offset, data))
+        self._run(self.layer.pwrite(offset, data))
 
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = True) -> None:
-        self._loop.run_until_complete(
-            self.layer.write_zeroes(offset, length, may_unmap=may_unmap))
+        self._run(self.layer.write_zeroes(offset, length, may_unmap=may_unmap))
 
     def discard(self, offset: int, length: int) -> None:
-        self._loop.run_until_complete(self.layer.discard(offset, length))
+        self._run(self.layer.discard(offset, length))
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
-        return self._loop.run_until_complete(self.layer.block_status(offset, length))
+        return self._run(self.layer.block_status(offset, length))
 
     def flush(self) -> None:
-        self._loop.run_until_complete(self.layer.flush())
+        self._run(self.layer.flush())
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -185,13 +185,13 @@ async def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
             return info
         img = await Qcow2Image.open(source, writable=False, name=path)
         h = img.header
-        info.update({"format": "qcow2", "virtual-size": h.size, "cluster-size": h.cluster_size,
+        info.update({"format": "qcow2", "virtual-size": img.size, "cluster-size": h.cluster_size,
                      "dirty-flag": bool(h.incompatible_features & fmt.INCOMPAT_DIRTY)})
         data: dict[str, Any] = {"compat": "1.1" if h.version == 3 else "0.10",
+                                "compression-type": fmt.COMPRESSION_NAMES[h.compression_type],
                                 "refcount-bits": h.refcount_bits}
         if h.version == 3:
             data.update({
-                "compression-type": fmt.COMPRESSION_NAMES[h.compression_type],
                 "lazy-refcounts": bool(h.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS),
                 "corrupt": bool(h.incompatible_features & fmt.INCOMPAT_CORRUPT),
                 "extended-l2": h.extended_l2})
@@ -362,7 +362,7 @@ async def _map_layer(layer: Any, start: int, length: int, depth: int,
         elif kind == COMPRESSED:
             _map_add(out, guest, n, depth, True, False, True, None)
         elif kind == ZERO:
-            _map_add(out, guest, n, depth, True, True, False, None)
+            _map_add(out, guest, n, depth, True, True, False, host or None)
         elif kind == UNALLOC:
             below = layer.backing
             if below is None:

@@ -168,7 +168,7 @@ class CacheLayer(BlockLayer):
         return self.img.identity()
 
     async def pread(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self.img.header.size:
+        if offset < 0 or length < 0 or offset + length > self.img.size:
             self.check_range(offset, length)
         if self._refused is not None:
             raise self._refused

@@ -91,6 +91,8 @@ class _Counter:
         self.nclusters = -(-file_size >> self.cb) if file_size else 0
         self.nclusters = max(self.nclusters, (file_size + img.cs - 1) >> self.cb)
         self.refs = array("I", bytes(4 * self.nclusters))
+        #: Highest cluster with a stored refcount (leaks count for the image end).
+        self.last_stored = 0
 
     def add(self, offset: int, length: int, what: str) -> bool:
         if length <= 0:
@@ -129,7 +131,8 @@ async def check_image(img: Qcow2Image, repair: str | None = None) -> CheckResult
     await _compare(img, cnt, res, repair)
     await _check_copied(img, res, copied_checks, repair)
     used = [i for i in range(cnt.nclusters) if cnt.refs[i]]
-    res.image_end_offset = (used[-1] + 1) * cs if used else cs
+    last = max(used[-1] if used else 0, cnt.last_stored)
+    res.image_end_offset = (last + 1) * cs
     if repair:
         await img.source.flush()
     return res
@@ -237,6 +240,8 @@ async def _compare(img: Qcow2Image, cnt: _Counter, res: CheckResult,
         for i in range(min(per, cnt.nclusters - base)):
             c = base + i
             stored = blk.get(i) if blk else 0
+            if stored:
+                cnt.last_stored = c
             want = cnt.refs[c]
             if stored == want:
                 continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from bootcache.errors import ImageFormatError
+from bootcache.errors import BootcacheError, ImageFormatError
 from bootcache.qcow2 import format as fmt
 from bootcache.qcow2.tables import RefBlock
 
@@ -64,6 +64,7 @@ def build_header(size: int, opts: CreateOptions) -> tuple[fmt.Header, int, int]:
     opts.validate()
     if size < 0 or size > fmt.MAX_VIRTUAL_SIZE:
         raise ImageFormatError(f"virtual size {size} is out of range")
+    size = round_size(size)
     cs = opts.cluster_size
     cb = cs.bit_length() - 1
     entry = 16 if opts.extended_l2 else 8
@@ -114,6 +115,18 @@ def build_header(size: int, opts: CreateOptions) -> tuple[fmt.Header, int, int]:
     return h, 1 + table_clusters + blocks + l1_clusters, blocks
 
 
+def round_size(size: int) -> int:
+    """Sizes round up to whole 512-byte sectors, as qemu-img rounds them."""
+    return -(-size // 512) * 512
+
+
+def _create_file(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise BootcacheError(f"{path}: cannot create: {e.strerror}") from e
+
+
 def create_qcow2(path: str, size: int, opts: CreateOptions | None = None) -> None:
     """Create (or overwrite) ``path`` as an empty qcow2 image."""
     opts = opts or CreateOptions()
@@ -130,7 +143,7 @@ def create_qcow2(path: str, size: int, opts: CreateOptions | None = None) -> Non
         blocks += blk.tobytes()
         off = (1 + h.refcount_table_clusters + b) * cs
         table[8 * b:8 * b + 8] = off.to_bytes(8, "big")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = _create_file(path)
     try:
         os.pwrite(fd, header_bytes, 0)
         os.pwrite(fd, bytes(table), cs)
@@ -146,8 +159,8 @@ def create_qcow2(path: str, size: int, opts: CreateOptions | None = None) -> Non
 
 def create_raw(path: str, size: int) -> None:
     """Create (or overwrite) ``path`` as a sparse raw image."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = _create_file(path)
     try:
-        os.ftruncate(fd, size)
+        os.ftruncate(fd, round_size(size))
     finally:
         os.close(fd)

@@ -154,7 +154,8 @@ class Qcow2Image(BlockLayer):
 
     @property
     def size(self) -> int:
-        return self.header.size
+        # QEMU counts whole 512-byte sectors: an unaligned header size rounds down.
+        return self.header.size & ~511
 
     @property
     def read_only(self) -> bool:
@@ -293,7 +294,7 @@ class Qcow2Image(BlockLayer):
                 else:
                     e = table[l2i]
                     kind, host = self._classify(e, ci)
-                    if kind == DATA:
+                    if host and kind != COMPRESSED:
                         host += pos & (cs - 1)
                     _append(out, kind, pos, cluster_end - pos, host)
                 pos = cluster_end
@@ -309,7 +310,7 @@ class Qcow2Image(BlockLayer):
         if e & OFLAG_ZERO:
             if self.header.version < 3:
                 raise ImageCorruptError(f"{self.name}: zero cluster in a version 2 image")
-            return ZERO, 0
+            return ZERO, e & L2E_OFFSET_MASK  # a preallocated zero cluster keeps its host
         host = e & L2E_OFFSET_MASK
         if host:
             return DATA, host
@@ -429,8 +430,12 @@ class Qcow2Image(BlockLayer):
         self.check_range(offset, len(data))
         view = memoryview(data).cast("B")
         async with self.lock:
-            for pos in range(0, len(view), _MAX_WRITE_CHUNK):
-                await self._write(offset + pos, view[pos:pos + _MAX_WRITE_CHUNK])
+            try:
+                for pos in range(0, len(view), _MAX_WRITE_CHUNK):
+                    await self._write(offset + pos, view[pos:pos + _MAX_WRITE_CHUNK])
+            except ImageCorruptError:
+                await self._mark_corrupt()
+                raise
         if fua:
             await self.flush()
 
@@ -573,6 +578,20 @@ class Qcow2Image(BlockLayer):
                 active[epoch] = left
             else:
                 del active[epoch]
+
+    async def _mark_corrupt(self) -> None:
+        """Set the corrupt bit and stop writing, as QEMU does on finding
+        metadata it must not trust: the image needs a check before reuse."""
+        h = self.header
+        if self.writable and h.version >= 3:
+            h.incompatible_features |= fmt.INCOMPAT_CORRUPT
+            try:
+                await self.source.pwrite(fmt.OFF_INCOMPATIBLE,
+                                         h.incompatible_features.to_bytes(8, "big"))
+                await self.source.flush()
+            except OSError:
+                pass
+        self.writable = False
 
     async def unmap_clusters(self, clusters: list[int]) -> None:
         """Make guest clusters unallocated again (reads go to the backing layer).
@@ -764,8 +783,7 @@ class Qcow2Image(BlockLayer):
         self.unsynced_allocations = False
         if self.l2_cache.dirty:
             await self.l2_cache.flush()
-            if self.l1_dirty:
-                await src.flush()
+            await src.flush()
         if self.l1_dirty:
             for lo, hi in _ranges(sorted(self.l1_dirty)):
                 data = encode_u64(self.l1[lo:hi + 1])
@@ -803,7 +821,7 @@ def _append(out: list[Mapping], kind: int, guest: int, length: int, host: int) -
     if out:
         pk, pg, pl, ph = out[-1]
         if pk == kind and pg + pl == guest and kind != COMPRESSED and \
-                (kind != DATA or ph + pl == host):
+                (ph + pl == host if kind in (DATA, ZERO) and (ph or host) else True):
             out[-1] = (pk, pg, pl + length, ph)
             return
     out.append((kind, guest, length, host))

@@ -50,6 +50,9 @@ class FileSource(ByteSource):
             self.fd = os.open(path, flags)
         except OSError as e:
             raise SourceError(f"{path}: cannot open: {e.strerror}") from e
+        if stat.S_ISDIR(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise SourceError(f"{path}: is a directory, not an image")
         self._closed = False
         if lock:
             perms = Perm.CONSISTENT_READ
