@@ -17,7 +17,7 @@
 # whenever the recipe below changes. Needs root (debootstrap, chroot).
 set -euo pipefail
 
-GUEST_VERSION=guest-v1
+GUEST_VERSION=guest-v2
 CACHE=${BOOTCACHE_GUEST_CACHE:-/var/cache/bootcache-tests}
 MIRROR=${BOOTCACHE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
@@ -92,15 +92,22 @@ mkdir -p "$rootfs/etc/initramfs-tools/conf.d"
 echo MODULES=most >"$rootfs/etc/initramfs-tools/conf.d/bootcache.conf"
 printf 'virtio_pci\nvirtio_blk\next4\n' >>"$rootfs/etc/initramfs-tools/modules"
 
+# Boots must read the same blocks every time (the test checks that a second
+# boot reads nothing the first did not): no login prompt racing with the
+# poweroff (systemd's getty generator would start one on ttyS0), and the
+# poweroff waits for the job queue to drain (units ordered after
+# multi-user.target), so shutdown always starts from a quiet system. The
+# unit is Type=simple: a oneshot would itself keep the queue busy.
+ln -sf /dev/null "$rootfs/etc/systemd/system/getty.target"
+ln -sf /dev/null "$rootfs/etc/systemd/system/serial-getty@ttyS0.service"
 cat >"$rootfs/etc/systemd/system/bootcache-poweroff.service" <<EOF
 [Unit]
 Description=Power off as soon as multi-user.target is reached (bootcache e2e)
 After=multi-user.target
 
 [Service]
-Type=oneshot
-ExecStart=/bin/sh -c 'echo "$MARKER" >/dev/console'
-ExecStart=/bin/systemctl --no-block poweroff
+Type=simple
+ExecStart=/bin/sh -c 'systemctl is-system-running --wait >/dev/null; echo "$MARKER" >/dev/console; exec systemctl --no-block poweroff'
 
 [Install]
 WantedBy=multi-user.target
