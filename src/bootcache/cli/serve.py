@@ -44,7 +44,8 @@ def _qcow2_opener() -> Callable[..., Awaitable[BlockLayer]] | None:
     return opener if callable(opener) else None
 
 
-async def open_image(path: str, *, writable: bool) -> BlockLayer:
+async def open_image(path: str, *, writable: bool,
+                     policy: ChainPolicy | None = None) -> BlockLayer:
     """Open one image as a layer: qcow2 through the chain opener, else raw."""
     try:
         with open(path, "rb") as f:
@@ -55,7 +56,8 @@ async def open_image(path: str, *, writable: bool) -> BlockLayer:
         opener = _qcow2_opener()
         if opener is None:
             raise UnsupportedFeatureError(f"{path}: qcow2 images need the qcow2 engine")
-        layer: BlockLayer = await opener(path, writable=writable, policy=ChainPolicy.from_env())
+        layer: BlockLayer = await opener(path, writable=writable,
+                                         policy=policy or ChainPolicy.from_env())
         return layer
     return await RawLayer.open(FileSource(path, writable=writable), read_only=not writable)
 
@@ -97,14 +99,15 @@ async def run_server(images: list[tuple[str, str]], *, socket_path: str | None,
                      socket_mode: int, listen: list[tuple[str, int]], read_only: bool,
                      ssl_context: ssl.SSLContext | None, tls_required: bool,
                      ready: Callable[[str], None] | None = None,
-                     stop: asyncio.Event | None = None) -> None:
+                     stop: asyncio.Event | None = None,
+                     policy: ChainPolicy | None = None) -> None:
     """Open the images, serve them until SIGTERM/SIGINT (or ``stop``), shut down."""
     layers: dict[str, BlockLayer] = {}
     try:
         for path, name in images:
             if name in layers:
                 raise BootcacheError(f"export name {name!r} given twice")
-            layers[name] = await open_image(path, writable=not read_only)
+            layers[name] = await open_image(path, writable=not read_only, policy=policy)
     except BaseException:
         for layer in layers.values():
             await layer.close()
@@ -155,11 +158,13 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 @click.option("--tls-key", metavar="PEM", help="Private key of --tls-cert.")
 @click.option("--tls-ca", metavar="PEM", help="Require client certificates from this CA.")
 @click.option("--tls-required", is_flag=True, help="Refuse clients that do not use TLS.")
+@click.option("--readahead", metavar="SIZE", default="0",
+              help="Cache exports: also fetch this much beyond each miss (e.g. 256K).")
 @click.option("-v", "--verbose", count=True, help="Log more (-vv for debug).")
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE[=NAME]...")
 def serve(socket_path: str | None, socket_mode: str, listen: tuple[str, ...],
           read_only: bool, tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
-          tls_required: bool, verbose: int, images: tuple[str, ...]) -> None:
+          tls_required: bool, readahead: str, verbose: int, images: tuple[str, ...]) -> None:
     """Serve IMAGEs over NBD until SIGTERM."""
     if not socket_path and not listen:
         raise click.UsageError("give --socket PATH and/or --listen HOST:PORT")
@@ -174,6 +179,11 @@ def serve(socket_path: str | None, socket_mode: str, listen: tuple[str, ...],
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
                         format="bootcache serve: %(message)s")
     parsed = [parse_image_arg(a) for a in images]
+    policy = ChainPolicy.from_env()
+    if readahead != "0":
+        from bootcache.cli.images import parse_size
+
+        policy.cache_readahead = parse_size(readahead)
     addrs = [parse_listen(a) for a in listen]
     ctx = make_ssl_context(tls_cert, tls_key, tls_ca) if tls_cert and tls_key else None
 
@@ -188,7 +198,7 @@ def serve(socket_path: str | None, socket_mode: str, listen: tuple[str, ...],
     with asyncio.Runner(**kwargs) as runner:
         runner.run(run_server(parsed, socket_path=socket_path, socket_mode=mode,
                               listen=addrs, read_only=read_only, ssl_context=ctx,
-                              tls_required=tls_required, ready=ready))
+                              tls_required=tls_required, ready=ready, policy=policy))
 
 
 def main() -> None:

@@ -82,6 +82,14 @@ class BlockLayer(ABC):
     async def settle(self) -> None:
         """Wait for background work started by earlier calls (cache stores)."""
 
+    def version_check_interval(self) -> float | None:
+        """Seconds between version checks while serving from a cache (None: none)."""
+        return None
+
+    async def version_changed(self) -> bool:
+        """True when the storage now holds another version than when opened."""
+        return False
+
     async def refresh_identity(self) -> None:
         """Adopt the storage's current version after it changed."""
 

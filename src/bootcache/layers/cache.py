@@ -68,6 +68,13 @@ class CacheLayer(BlockLayer):
         self._reserved = 0
         self._base_fp: object = None
         self._fp_checked = 0
+        interval = self.base.version_check_interval()
+        self._version_interval_ns = int(interval * 1e9) if interval else 0
+        self._version_checked = time.monotonic_ns()
+        #: Reopens the base when it changed in a way it cannot adopt (qcow2).
+        self.reopen_base: Callable[[], Coroutine[Any, Any, BlockLayer]] | None = None
+        #: Clusters fetched beyond a miss, in the same request (0: none).
+        self.readahead = 0
         #: Bumped whenever the cache is dropped: fetches from before must not be stored.
         self._generation = 0
         self._refused: StaleBaseError | None = None
@@ -173,6 +180,11 @@ class CacheLayer(BlockLayer):
         if self._refused is not None:
             raise self._refused
         now = time.monotonic_ns()
+        if self._version_interval_ns and now - self._version_checked >= self._version_interval_ns:
+            # Remote bases (HTTP ETag, S3): ask in the background every few
+            # seconds, since a warm cache never fetches and so never sees a change.
+            self._version_checked = now
+            self._background(self._check_version())
         if now - self._fp_checked >= _FINGERPRINT_INTERVAL_NS:
             # Checked on reads, hits included (a warm cache never misses, and
             # must still not serve bytes of a base that changed), but at most
@@ -289,6 +301,14 @@ class CacheLayer(BlockLayer):
                 run_start = None
             if fut is not None:
                 waits[ci] = fut
+        if self.readahead and fetches and sum(fetches[-1]) == last + 1:
+            # Read ahead past the request while clusters are neither held nor coming.
+            start, count = fetches[-1]
+            stop = min(last + 1 + self.readahead, -(-self.size // cs))
+            k = last + 1
+            while k < stop and k not in self.cached and k not in self.inflight:
+                k += 1
+            fetches[-1] = (start, k - start)
         loop = asyncio.get_running_loop()
         for start, count in fetches:
             for ci in range(start, start + count):
@@ -344,6 +364,15 @@ class CacheLayer(BlockLayer):
             for ci in range(start, start + count):
                 self.inflight.pop(ci, None)
 
+    async def _check_version(self) -> None:
+        try:
+            changed = await self.base.version_changed()
+        except BootcacheError as e:
+            log.debug("%s: version check failed: %s", self.name, e)
+            return
+        if changed:
+            await self._base_changed()
+
     async def _check_base_unchanged(self) -> None:
         if self.base.fingerprint() != self._base_fp:
             await self._base_changed()
@@ -359,7 +388,15 @@ class CacheLayer(BlockLayer):
         self._base_fp = self.base.fingerprint()
         await self._drop_all()
         self.ext.resets += 1
-        await self.base.refresh_identity()
+        try:
+            await self.base.refresh_identity()
+        except StaleBaseError:
+            if self.reopen_base is None:
+                raise
+            # A qcow2 base cannot adopt a new version in place: open it again.
+            old, self.base = self.base, await self.reopen_base()
+            self.img.backing = self.base
+            await old.close()
         self.ext.identity = await self.base_identity()
         self._base_fp = self.base.fingerprint()
         await self._persist_extension()

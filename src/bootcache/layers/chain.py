@@ -40,12 +40,19 @@ class ChainPolicy:
     trusted: bool = False
     #: Open cache images as caches (filling them on reads); else as plain qcow2.
     activate_caches: bool = True
+    #: Bytes a cache fetches beyond each miss (rounded up to clusters).
+    cache_readahead: int = 0
 
     @classmethod
     def from_env(cls) -> ChainPolicy:
         dirs = [d for d in os.environ.get("BOOTCACHE_BACKING_DIRS", "").split(":") if d]
+        try:
+            readahead = int(os.environ.get("BOOTCACHE_READAHEAD", "0"))
+        except ValueError:
+            readahead = 0
         return cls(allowed_dirs=dirs or None,
-                   trusted=os.environ.get("BOOTCACHE_TRUST_BACKING") == "1")
+                   trusted=os.environ.get("BOOTCACHE_TRUST_BACKING") == "1",
+                   cache_readahead=max(readahead, 0))
 
 
 def is_uri(name: str) -> bool:
@@ -118,21 +125,30 @@ async def _open(name: str, *, writable: bool, fmt: str | None, policy: ChainPoli
         await source.close()
         raise
     backing = img.header.backing_file
+    below_seen = list(seen)
+
+    async def open_backing() -> BlockLayer:
+        assert backing is not None
+        target = resolve_backing(name, backing, policy, allowed)
+        return await _open(target, writable=False, fmt=img.header.backing_format,
+                           policy=policy, allowed=allowed, seen=list(below_seen),
+                           keep_autoclear=0, follow=True)
+
     if backing and follow:
         try:
-            target = resolve_backing(name, backing, policy, allowed)
-            img.backing = await _open(target, writable=False, fmt=img.header.backing_format,
-                                      policy=policy, allowed=allowed, seen=seen,
-                                      keep_autoclear=0, follow=True)
+            img.backing = await open_backing()
         except BaseException:
             await img.close()
             raise
     if is_cache:
         try:
-            return await CacheLayer.open(img)
+            cache = await CacheLayer.open(img)
         except BaseException:
             await img.close()
             raise
+        cache.reopen_base = open_backing
+        cache.readahead = -(-policy.cache_readahead // img.cs)
+        return cache
     return img
 
 

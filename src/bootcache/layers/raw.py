@@ -70,6 +70,12 @@ class RawLayer(BlockLayer):
         await self.source.refresh_identity()
         self._size = await self.source.size()
 
+    def version_check_interval(self) -> float | None:
+        return self.source.version_check_interval
+
+    async def version_changed(self) -> bool:
+        return await self.source.version_changed()
+
     def fingerprint(self) -> object:
         return self.source.fingerprint()
 

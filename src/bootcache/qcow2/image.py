@@ -178,6 +178,12 @@ class Qcow2Image(BlockLayer):
         # A qcow2 file that changed under us has metadata we may have cached.
         raise StaleBaseError(f"{self.name}: the qcow2 image changed; reopen it")
 
+    def version_check_interval(self) -> float | None:
+        return self.source.version_check_interval
+
+    async def version_changed(self) -> bool:
+        return await self.source.version_changed()
+
     def fingerprint(self) -> object:
         return self.source.fingerprint()
 

@@ -50,6 +50,14 @@ class ByteSource(ABC):
         """Facts that identify this source's content version (size, ETag...)."""
         return {}
 
+    #: Seconds between checks that the content is still the same version while
+    #: nothing is read from it (None: the source cannot check cheaply).
+    version_check_interval: float | None = None
+
+    async def version_changed(self) -> bool:
+        """Ask the source whether its content changed since it was opened."""
+        return False
+
     async def refresh_identity(self) -> dict[str, Any]:
         """Adopt the content's current version after it changed; returns its identity."""
         return self.identity()

@@ -72,6 +72,8 @@ class HttpSource(RemoteSource):
     """A read-only HTTP(S) object; open with :meth:`open`."""
 
     kind = "http"
+    # A HEAD request is cheap: warm caches ask it every few seconds.
+    version_check_interval = 5.0
 
     def __init__(self, url: str, session: aiohttp.ClientSession, options: RemoteOptions,
                  *, if_match: bool = True) -> None:

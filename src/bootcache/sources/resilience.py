@@ -293,6 +293,11 @@ class RemoteSource(ByteSource):
         self._identity = ident
         self._size = ident["size"]
 
+    async def version_changed(self) -> bool:
+        current = await self.current_identity()
+        return any(current.get(k) != v for k, v in self._identity.items()
+                   if k in ("size", "etag", "last_modified"))
+
     async def refresh_identity(self) -> dict[str, Any]:
         """Adopt the object's current version: reads stop failing with
         SourceChangedError (the caller has dropped what it held of the old one)."""

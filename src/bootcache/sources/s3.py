@@ -85,6 +85,8 @@ class S3Source(RemoteSource):
     """A read-only S3 object; open with :meth:`open`."""
 
     kind = "s3"
+    # A HeadObject request is cheap: warm caches ask it every few seconds.
+    version_check_interval = 5.0
 
     def __init__(self, url: str, client: Any, stack: contextlib.AsyncExitStack,
                  options: RemoteOptions, *, if_match: bool = True) -> None:
