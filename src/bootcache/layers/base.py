@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bootcache.errors import ReadOnlyError
+from bootcache.sources.base import ByteSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,3 +109,21 @@ class BlockLayer(ABC):
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(
                 f"{self.name}: range {offset}+{length} outside disk of size {self.size}")
+
+
+class SourceBacked:
+    """For layers stored in one byte source: its identity is theirs."""
+
+    source: ByteSource
+
+    def identity(self) -> dict[str, Any]:
+        return self.source.identity()
+
+    def version_check_interval(self) -> float | None:
+        return self.source.version_check_interval
+
+    async def version_changed(self) -> bool:
+        return await self.source.version_changed()
+
+    def fingerprint(self) -> object:
+        return self.source.fingerprint()

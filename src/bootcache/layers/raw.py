@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from bootcache.errors import ReadOnlyError
-from bootcache.layers.base import BlockLayer, Extent
+from bootcache.layers.base import BlockLayer, Extent, SourceBacked
 from bootcache.sources.base import ByteSource
 
 
-class RawLayer(BlockLayer):
+class RawLayer(SourceBacked, BlockLayer):
     """The disk is the source's bytes; its size is fixed when opened."""
 
     def __init__(self, source: ByteSource, size: int, *, read_only: bool = True) -> None:
@@ -63,21 +61,9 @@ class RawLayer(BlockLayer):
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         return [Extent(offset, length, data=True, zero=False)]
 
-    def identity(self) -> dict[str, Any]:
-        return self.source.identity()
-
     async def refresh_identity(self) -> None:
         await self.source.refresh_identity()
         self._size = await self.source.size()
-
-    def version_check_interval(self) -> float | None:
-        return self.source.version_check_interval
-
-    async def version_changed(self) -> bool:
-        return await self.source.version_changed()
-
-    def fingerprint(self) -> object:
-        return self.source.fingerprint()
 
     async def close(self) -> None:
         await self.source.close()

@@ -20,7 +20,6 @@ import asyncio
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from bootcache.errors import (
     ImageCorruptError,
@@ -28,7 +27,7 @@ from bootcache.errors import (
     StaleBaseError,
     UnsupportedFeatureError,
 )
-from bootcache.layers.base import BlockLayer, Extent
+from bootcache.layers.base import BlockLayer, Extent, SourceBacked
 from bootcache.qcow2 import format as fmt
 from bootcache.qcow2.compress import decompress_cluster
 from bootcache.qcow2.format import (
@@ -54,7 +53,7 @@ _MAX_WRITE_CHUNK = 32 << 20
 _NOT_PLAIN_DATA = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED_MASK
 
 
-class Qcow2Image(BlockLayer):
+class Qcow2Image(SourceBacked, BlockLayer):
     """A qcow2 file on a byte source, optionally over a backing layer."""
 
     def __init__(self, source: ByteSource, header: Header, l1: array[int],
@@ -165,9 +164,6 @@ class Qcow2Image(BlockLayer):
         if not self.writable:
             raise ReadOnlyError(f"{self.name}: image is open read-only")
 
-    def identity(self) -> dict[str, Any]:
-        return self.source.identity()
-
     async def settle(self) -> None:
         if self.backing is not None:
             await self.backing.settle()
@@ -177,15 +173,6 @@ class Qcow2Image(BlockLayer):
             return
         # A qcow2 file that changed under us has metadata we may have cached.
         raise StaleBaseError(f"{self.name}: the qcow2 image changed; reopen it")
-
-    def version_check_interval(self) -> float | None:
-        return self.source.version_check_interval
-
-    async def version_changed(self) -> bool:
-        return await self.source.version_changed()
-
-    def fingerprint(self) -> object:
-        return self.source.fingerprint()
 
     # -- metadata overlap checks ------------------------------------------------
 
