@@ -139,16 +139,17 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], log: Path,
     deadline = time.monotonic() + timeout
     while not path.is_socket():
         if proc.poll() is not None:
-            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()}")
+            pytest.fail(f"the server of {path.name} exited with {proc.returncode}:\n"
+                        + log.read_text())
         if time.monotonic() > deadline:
             pytest.fail(f"{path} did not appear in {timeout} s:\n{log.read_text()}")
         time.sleep(0.05)
 
 
-def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, **kw)  # type: ignore[call-overload]
+def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{' '.join(argv)}: exit {proc.returncode}\n{proc.stderr}"
-    return proc  # type: ignore[no-any-return]
+    return proc
 
 
 def base_reads(log: Path) -> int:
