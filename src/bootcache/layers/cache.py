@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bootcache.errors import BootcacheError, ImageFormatError, StaleBaseError
+from bootcache.errors import BootcacheError, ImageCorruptError, ImageFormatError, StaleBaseError
 from bootcache.layers.base import BlockLayer, Extent
 from bootcache.qcow2 import cache_ext
 from bootcache.qcow2.cache_ext import CacheExtension
@@ -94,11 +94,28 @@ class CacheLayer(BlockLayer):
         if ext is None:
             raise ImageFormatError(f"{img.name}: not a cache image")
         layer = cls(img, ext)
+        await layer._reclaim_leaks()
         for ci in await img.allocated_clusters():
             layer.cached[ci] = None
         consistent = bool(img.header.autoclear_features & AUTOCLEAR_CACHE)
         await layer._check_base(consistent)
         return layer
+
+    async def _reclaim_leaks(self) -> None:
+        """Give back clusters a crash left allocated but unreferenced.
+
+        A killed filler leaves its unflushed stores as leaks (never as wrong
+        data); a cache is long-lived and refilled after every crash, so the
+        owner repairs them at open rather than letting them pile up.
+        """
+        from bootcache.qcow2.check import check_image
+
+        result = await check_image(self.img, repair="leaks")
+        if result.leaks_fixed:
+            log.warning("%s: reclaimed %d leaked clusters", self.name, result.leaks_fixed)
+        if result.corruptions:
+            raise ImageCorruptError(
+                f"{self.name}: {result.corruptions} corruptions; run bootcache check -r all")
 
     async def _check_base(self, consistent: bool) -> None:
         """Refuse or reset on a changed base; revalidate after a foreign writer."""
