@@ -72,6 +72,7 @@ class HttpSource(RemoteSource):
     """A read-only HTTP(S) object; open with :meth:`open`."""
 
     kind = "http"
+    probe_name = "HEAD"
     # A HEAD request is cheap: warm caches ask it every few seconds.
     version_check_interval = 5.0
 
@@ -111,17 +112,11 @@ class HttpSource(RemoteSource):
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=opts.connect_timeout,
                                           sock_read=opts.timeout))
         src = cls(url, session, opts, if_match=if_match)
-        try:
-            ident = await src.resilience.call("HEAD", src._probe)
-        except BaseException:
-            await session.close()
-            raise
-        src._set_identity(ident)
+        await src._learn_version(session.close)
         return src
 
     def _set_identity(self, ident: dict[str, Any]) -> None:
-        self._identity = ident
-        self._size = ident["size"]
+        super()._set_identity(ident)
         self._conditions = {}
         etag = ident.get("etag")
         if not self._if_match:
@@ -131,10 +126,6 @@ class HttpSource(RemoteSource):
         elif ident.get("last_modified"):
             # Weak ETags cannot be used with If-Match; a date still catches most changes.
             self._conditions["If-Unmodified-Since"] = ident["last_modified"]
-
-    async def current_identity(self) -> dict[str, Any]:
-        """Ask the server again: differs from identity() when the object changed."""
-        return await self.resilience.call("HEAD", self._probe)
 
     async def _probe(self) -> dict[str, Any]:
         """One attempt at learning size, ETag and Last-Modified."""

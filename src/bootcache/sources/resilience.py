@@ -285,9 +285,26 @@ class RemoteSource(ByteSource):
     def identity(self) -> dict[str, Any]:
         return dict(self._identity)
 
+    #: Name of the metadata request (HEAD, HeadObject) in counters and errors.
+    probe_name = "probe"
+
+    async def _probe(self) -> dict[str, Any]:
+        """One attempt at the object's identity from its metadata."""
+        return self.identity()
+
     async def current_identity(self) -> dict[str, Any]:
         """The object's identity as the server tells it now."""
-        return self.identity()
+        return await self.resilience.call(self.probe_name, self._probe)
+
+    async def _learn_version(self, release: Callable[[], Awaitable[Any]]) -> None:
+        """Adopt the object's version at open; on failure, ``release`` what
+        opening made (session, client) before the error goes up."""
+        try:
+            ident = await self.current_identity()
+        except BaseException:
+            await release()
+            raise
+        self._set_identity(ident)
 
     def _set_identity(self, ident: dict[str, Any]) -> None:
         self._identity = ident

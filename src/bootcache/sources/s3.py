@@ -85,6 +85,7 @@ class S3Source(RemoteSource):
     """A read-only S3 object; open with :meth:`open`."""
 
     kind = "s3"
+    probe_name = "HeadObject"
     # A HeadObject request is cheap: warm caches ask it every few seconds.
     version_check_interval = 5.0
 
@@ -124,22 +125,12 @@ class S3Source(RemoteSource):
             await stack.aclose()
             raise SourceError(f"{url}: cannot create an S3 client: {describe(e)}") from e
         src = cls(url, client, stack, opts, if_match=if_match)
-        try:
-            ident = await src.resilience.call("HeadObject", src._probe)
-        except BaseException:
-            await stack.aclose()
-            raise
-        src._set_identity(ident)
+        await src._learn_version(stack.aclose)
         return src
 
     def _set_identity(self, ident: dict[str, Any]) -> None:
-        self._identity = ident
-        self._size = ident["size"]
+        super()._set_identity(ident)
         self._etag = ident["etag"] if self._if_match else None
-
-    async def current_identity(self) -> dict[str, Any]:
-        """Ask the server again: differs from identity() when the object changed."""
-        return await self.resilience.call("HeadObject", self._probe)
 
     async def _probe(self) -> dict[str, Any]:
         try:
