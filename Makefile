@@ -6,7 +6,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo bootstorm test lint
+.PHONY: setup demo bootstorm test test-repeat lint
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,16 @@ bootstorm: setup
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# Stability: the tests N times in a row (TESTS narrows them, e.g.
+# make test-repeat N=20 TESTS=tests/remote); stops at the first failing run.
+N ?= 5
+TESTS ?=
+test-repeat: setup
+	@for i in $$(seq 1 $(N)); do \
+	  echo "== run $$i of $(N): pytest $(TESTS)"; \
+	  $(VENV)/bin/pytest -q $(TESTS) || { echo "== run $$i of $(N) FAILED"; exit 1; }; \
+	done; echo "== $(N) of $(N) runs passed: $(TESTS)"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

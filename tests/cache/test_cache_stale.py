@@ -160,3 +160,28 @@ def test_base_size_changed(tmp_path: Path, new_size: int) -> None:
     assert cache_stats(cache)["resets"] == 1
     assert_qemu_check(cache)
     assert_bytes(qemu_convert_raw(cache), expected, "qemu-img convert")
+
+
+def test_refusing_cache_does_not_grow_per_read(tmp_path: Path) -> None:
+    """on_stale=refuse, the base changes while serving: every later read fails
+    with its own StaleBaseError, whose traceback stays short however many
+    reads were refused before (a shared exception object would grow by two
+    frames per raise, without bound while clients retry)."""
+    old = make_base(tmp_path / "base.raw", SIZE, seed=48)
+    cache = tmp_path / "cache.qcow2"
+    create_cache(cache, "base.raw", quota="100M", on_stale="refuse")
+    warm(cache, old)
+    with bootcache.open(str(cache)) as img:
+        overwrite_in_place(tmp_path / "base.raw", new_content(old, "in-place"))
+        errors = []
+        for _ in range(2000):
+            with pytest.raises(StaleBaseError) as info:
+                img.read(0, CLUSTER)
+            errors.append(info.value)
+        assert len({id(e) for e in errors}) == len(errors), "one exception object reused"
+        depth = 0
+        tb = errors[-1].__traceback__
+        while tb is not None:
+            depth += 1
+            tb = tb.tb_next
+        assert depth < 50, f"the last refusal carries {depth} frames"

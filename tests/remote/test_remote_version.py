@@ -79,3 +79,48 @@ def test_readahead_fetches_past_a_miss(remote: Remote, tmp_path: Path) -> None:
             await layer.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("remote", ["nginx", "s3"], indirect=True)
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_racing_detections_reset_once(remote: Remote, tmp_path: Path, fmt: str) -> None:
+    """One replacement, noticed at once by every detector: the background
+    version check (several of them), fetches of cold clusters (ETag mismatch
+    inside the read) and reads of warm ones. The cache is dropped exactly once,
+    and every read returns one version whole."""
+    old, new = version(31), version(32)
+    for d in ("old", "new"):
+        (tmp_path / d).mkdir()
+    uri = remote.publish("disk.img", base_image(tmp_path / "old", old, fmt))
+    cache = tmp_path / "cache.qcow2"
+    create_cache(cache, uri, fmt)
+    half = SIZE // 2
+
+    async def read(off: int, n: int) -> None:
+        got = await layer.pread(off, n)
+        assert got in (old[off:off + n], new[off:off + n]), "a mix of old and new bytes"
+
+    async def go() -> None:
+        nonlocal layer
+        layer = await open_layer(str(cache))
+        assert isinstance(layer, CacheLayer)
+        try:
+            assert await layer.pread(0, half) == old[:half]
+            await layer.settle()
+            remote.replace("disk.img", base_image(tmp_path / "new", new, fmt))
+            step = 64 << 10
+            await asyncio.gather(
+                *(layer._check_version() for _ in range(3)),
+                *(read(off, step) for off in range(half, SIZE, step)),
+                *(read(off, step) for off in range(0, half, step)),
+            )
+            await layer.settle()
+            assert layer.stats()["resets"] == 1, layer.stats()
+            assert await layer.pread(0, SIZE) == new
+            await layer.settle()
+            assert layer.stats()["resets"] == 1, layer.stats()
+        finally:
+            await layer.close()
+
+    layer: CacheLayer
+    asyncio.run(go())

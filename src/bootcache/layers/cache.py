@@ -75,9 +75,17 @@ class CacheLayer(BlockLayer):
         self.reopen_base: Callable[[], Coroutine[Any, Any, BlockLayer]] | None = None
         #: Clusters fetched beyond a miss, in the same request (0: none).
         self.readahead = 0
-        #: Bumped whenever the cache is dropped: fetches from before must not be stored.
+        #: Bumped when a reset of the cache begins and again when it ends: fetches
+        #: from before must not be stored, and a base change observed before must
+        #: not reset the cache a second time (see _base_changed).
         self._generation = 0
-        self._refused: StaleBaseError | None = None
+        #: Set while a reset runs: readers wait for it instead of detecting the
+        #: same change again.
+        self._resetting: asyncio.Future[None] | None = None
+        #: Why this cache refuses to serve (on_stale=refuse), once it does.
+        self._refusal: str | None = None
+        #: Background work (stores, flushes, version checks) that failed.
+        self.background_errors = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # A synchronous read of the cache file, when it is a local file.
         self._pread_now: Callable[[int, int], bytes] | None = getattr(
@@ -194,21 +202,27 @@ class CacheLayer(BlockLayer):
     async def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.img.size:
             self.check_range(offset, length)
-        if self._refused is not None:
-            raise self._refused
+        if self._resetting is not None:
+            # The base is being switched: no byte of either version until it is.
+            await asyncio.shield(self._resetting)
+        if self._refusal is not None:
+            # A fresh exception each time: re-raising one object would chain
+            # every reader's traceback onto it for as long as clients retry.
+            raise StaleBaseError(self._refusal)
         now = time.monotonic_ns()
         if self._version_interval_ns and now - self._version_checked >= self._version_interval_ns:
             # Remote bases (HTTP ETag, S3): ask in the background every few
             # seconds, since a warm cache never fetches and so never sees a change.
             self._version_checked = now
-            self._background(self._check_version())
+            self._background(self._check_version(), "version check")
         if now - self._fp_checked >= _FINGERPRINT_INTERVAL_NS:
             # Checked on reads, hits included (a warm cache never misses, and
             # must still not serve bytes of a base that changed), but at most
             # every 200 us: under load the check would cost more than the read.
             self._fp_checked = now
+            generation = self._generation
             if self.base.fingerprint() != self._base_fp:
-                await self._base_changed()
+                await self._base_changed(generation)
         img = self.img
         if self._pread_now is not None:
             host = img.data_host(offset, length)
@@ -332,7 +346,7 @@ class CacheLayer(BlockLayer):
                 waits[ci] = self.inflight[ci] = loop.create_future()
             # The fetch stores in the background: the reader waits for the
             # bytes (its futures), never for the cache write.
-            self._background(self._fetch(start, count))
+            self._background(self._fetch(start, count), "fetch")
         chunks = []
         for ci in range(first, last + 1):
             fut = waits.get(ci)
@@ -353,13 +367,15 @@ class CacheLayer(BlockLayer):
         n = min(count * cs, self.size - off)
         futs = [self.inflight[ci] for ci in range(start, start + count)]
         try:
-            await self._check_base_unchanged()
             generation = self._generation
+            if self.base.fingerprint() != self._base_fp:
+                await self._base_changed(generation)
+                generation = self._generation
             try:
                 data = await self.img.read_below(off, n)
             except StaleBaseError:
                 # The source saw a new version (ETag) in the middle of reading.
-                await self._base_changed()
+                await self._base_changed(generation)
                 generation = self._generation
                 data = await self.img.read_below(off, n)
         except BaseException as e:
@@ -382,27 +398,40 @@ class CacheLayer(BlockLayer):
                 self.inflight.pop(ci, None)
 
     async def _check_version(self) -> None:
-        try:
-            changed = await self.base.version_changed()
-        except BootcacheError as e:
-            log.debug("%s: version check failed: %s", self.name, e)
-            return
-        if changed:
-            await self._base_changed()
+        generation = self._generation
+        if await self.base.version_changed():
+            await self._base_changed(generation)
 
-    async def _check_base_unchanged(self) -> None:
-        if self.base.fingerprint() != self._base_fp:
-            await self._base_changed()
+    async def _base_changed(self, observed: int) -> None:
+        """The base changed while serving: refuse, or drop everything once.
 
-    async def _base_changed(self) -> None:
-        """The base's identity changed while serving: refuse, or drop everything."""
+        ``observed`` is the generation current when the caller began looking
+        at the base (a version check, a fetch, a fingerprint). Several
+        detectors may see one change at about the same time; the first resets
+        the cache and adopts the base's newest version, and every detection
+        that began before that reset ended is covered by it. So one change of
+        the base gives exactly one reset, whatever noticed it.
+        """
+        while self._resetting is not None:
+            await asyncio.shield(self._resetting)
+        if self._generation != observed:
+            return  # a reset that began after this observation adopted the change
         if self.ext.on_stale == cache_ext.ON_STALE_REFUSE:
-            self._refused = StaleBaseError(
-                f"{self.name}: the base changed while serving; refusing (on_stale=refuse)")
-            log.error("%s", self._refused)
-            raise self._refused
+            if self._refusal is None:
+                self._refusal = (f"{self.name}: the base changed while serving; "
+                                 "refusing (on_stale=refuse)")
+                log.error("%s", self._refusal)
+            raise StaleBaseError(self._refusal)
+        self._resetting = asyncio.get_running_loop().create_future()
+        try:
+            await self._reset_to_new_base()
+        finally:
+            self._generation += 1  # detections made during the reset are covered too
+            self._resetting.set_result(None)
+            self._resetting = None
+
+    async def _reset_to_new_base(self) -> None:
         log.warning("%s: the base changed while serving; dropping the cache", self.name)
-        self._base_fp = self.base.fingerprint()
         await self._drop_all()
         self.ext.resets += 1
         try:
@@ -414,8 +443,8 @@ class CacheLayer(BlockLayer):
             old, self.base = self.base, await self.reopen_base()
             self.img.backing = self.base
             await old.close()
-        self.ext.identity = await self.base_identity()
         self._base_fp = self.base.fingerprint()
+        self.ext.identity = await self.base_identity()
         await self._persist_extension()
 
     # -- storing and the quota ---------------------------------------------------------
@@ -504,21 +533,27 @@ class CacheLayer(BlockLayer):
 
     # -- persistence ------------------------------------------------------------------
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=what)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            # Readers got the error through their futures; this is the store side.
-            log.debug("%s: background fetch failed: %s", self.name, task.exception())
+            # Readers of a failed fetch got the error through their futures;
+            # the operator sees it here (a store, flush or version check that
+            # failed would otherwise go unnoticed).
+            self.background_errors += 1
+            log.warning("%s: background %s failed: %s", self.name, task.get_name(),
+                        task.exception())
 
     async def _maybe_flush(self) -> None:
         """Schedule a flush (counters, stored clusters) about a second from now."""
         if self._flush_task is None or self._flush_task.done():
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())
+            self._flush_task = asyncio.get_running_loop().create_task(
+                self._flush_later(), name="flush")
+            self._flush_task.add_done_callback(self._task_done)
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(max(self._last_flush + _FLUSH_INTERVAL - time.monotonic(), 0))
@@ -538,7 +573,8 @@ class CacheLayer(BlockLayer):
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.ext.counters())
         out.update(quota=self.ext.quota, policy=cache_ext.POLICY_NAMES[self.ext.policy],
-                   cached_clusters=len(self.cached), cluster_size=self.cs)
+                   cached_clusters=len(self.cached), cluster_size=self.cs,
+                   background_errors=self.background_errors)
         source = getattr(self.base, "source", None)
         source_stats = getattr(source, "stats", None)
         if callable(source_stats):
