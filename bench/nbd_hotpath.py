@@ -108,6 +108,7 @@ async def run(requests: int, profile: bool, image: str | None) -> None:
         print(f"{elapsed / (rounds * 16) * 1e6:.2f} us per 4K read "
               f"({rounds * 16 / elapsed:,.0f} requests/s on one core, no socket)")
         await server.shutdown()
+        await layer.close()
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
+from bootcache.block.layer import BlockLayer, Extent
 from bootcache.errors import BootcacheError
-from bootcache.layers.base import BlockLayer, Extent
 from bootcache.layers.chain import ChainPolicy, open_layer
 from bootcache.qcow2.create import CreateOptions, create_qcow2, create_raw
 

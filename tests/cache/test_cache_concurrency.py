@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bootcache.layers.base import BlockLayer
+from bootcache.block.layer import BlockLayer
 from bootcache.layers.chain import open_layer
 
 from .conftest import (

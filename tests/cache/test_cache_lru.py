@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import bootcache
-from bootcache.layers.base import BlockLayer
+from bootcache.block.layer import BlockLayer
 from bootcache.layers.chain import open_layer
 
 from .conftest import (

@@ -132,7 +132,7 @@ def test_32_concurrent_readers_fetch_each_cluster_once(tmp_path: Path,
     create_cache(cache, kit.uri, quota="100M")
     region_start, region_len = 1 * MiB + 3 * CLUSTER, 1 * MiB + 5000
 
-    async def reader(layer: bootcache.layers.base.BlockLayer, k: int) -> set[int]:
+    async def reader(layer: bootcache.block.layer.BlockLayer, k: int) -> set[int]:
         # Task k starts k*517 bytes in and reads chunks of a size of its own.
         step = 3000 + k * 4099
         off = region_start + k * 517

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from nbd_testlib import short_tmpdir
 
-from bootcache.layers.base import BlockLayer
-from bootcache.nbd.server import NBDServer
+from bootcache.block.layer import BlockLayer
+from bootcache.nbd.server import NBDServer, close_layers
 
 
 @pytest.fixture
@@ -55,6 +55,7 @@ class InProcess:
                 self._ready.set()
             await self._stop.wait()
             await self.server.shutdown(timeout=10)
+            await close_layers(list(layers.values()))
 
         asyncio.set_event_loop(self.loop)
         try:

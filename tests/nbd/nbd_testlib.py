@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bootcache.layers.base import BlockLayer, Extent
+from bootcache.block.layer import BlockLayer, Extent
 from bootcache.nbd import wire as w
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from nbd_testlib import (
     request,
 )
 
-from bootcache.layers.base import Extent
+from bootcache.block.layer import Extent
 from bootcache.nbd import wire as w
 from bootcache.nbd.protocol import (
     NEED_DATA,

@@ -75,16 +75,19 @@ def record(socket_path: str, output: str, image: str) -> None:
 
     Boot a guest from nbd+unix:///NAME?socket=SOCKET; stop with SIGTERM or Ctrl-C.
     """
-    from bootcache.cli.serve import open_image, parse_image_arg
+    from bootcache.block.graph import NodeGraph
+    from bootcache.cli.serve import parse_image_arg
+    from bootcache.layers.chain import ChainPolicy, open_node
     from bootcache.layers.trace import TraceLayer
-    from bootcache.nbd.server import NBDServer
+    from bootcache.nbd.server import NBDServer, close_layers
 
     image, name = parse_image_arg(image)
 
     async def main() -> None:
         with open(output, "w") as out:
-            layer = TraceLayer(await open_image(image, writable=False),
-                               tracemod.TraceWriter(out, f"recorded from {image}"))
+            writer = tracemod.TraceWriter(out, f"recorded from {image}")
+            node = await open_node(image, NodeGraph(), policy=ChainPolicy.from_env())
+            layer = TraceLayer(node, writer.read)
             server = NBDServer({name: layer})
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -97,6 +100,7 @@ def record(socket_path: str, output: str, image: str) -> None:
                 await stop.wait()
             finally:
                 await server.shutdown()
+                await close_layers([layer])
 
     asyncio.run(main())
 

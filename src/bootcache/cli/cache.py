@@ -10,7 +10,7 @@ import click
 
 from bootcache.cli.images import INFO_HOOKS, run
 from bootcache.errors import ImageFormatError
-from bootcache.layers.cache import live_stats_path, read_extension
+from bootcache.layers.cache import read_extension
 from bootcache.qcow2 import cache_ext
 from bootcache.qcow2.format import AUTOCLEAR_CACHE
 from bootcache.qcow2.image import Qcow2Image
@@ -57,21 +57,25 @@ async def read_stats(path: str) -> dict[str, Any]:
         live = read_live_stats(path)
         if live is not None:
             # A running daemon's counters are newer than the ones it last saved.
-            stats.update({k: v for k, v in live.items() if k not in ("pid", "time")})
-            stats["live-from-pid"] = live["pid"]
+            stats.update(live)
         return stats
     finally:
         await source.close()
 
 
 def read_live_stats(path: str) -> dict[str, Any] | None:
-    """Counters published by the daemon serving ``path``, if it is running."""
-    try:
-        with open(live_stats_path(path)) as f:
-            live: dict[str, Any] = json.load(f)
-        os.kill(int(live["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
+    """Counters of the daemon serving ``path``, if one is: it leaves
+    ``PATH.ctl``, a link to its control socket, beside each cache it holds."""
+    from bootcache.daemon.ctlclient import ControlClient, ControlError
+
+    link = path + ".ctl"
+    if not os.path.islink(link):
         return None
+    try:
+        live = ControlClient(link, timeout=5).node(path)
+    except ControlError:
+        return None  # a daemon that stopped without removing its link
+    live["live-from"] = os.path.realpath(link)
     return live
 
 

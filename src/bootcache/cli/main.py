@@ -27,6 +27,8 @@ def _register() -> None:
         cli.add_command(command)
     from bootcache.cli.serve import serve
     cli.add_command(serve)
+    from bootcache.cli.ctl import ctl
+    cli.add_command(ctl)
 
 
 def main() -> None:

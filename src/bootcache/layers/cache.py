@@ -15,16 +15,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from bootcache.block.graph import NodeRef
+from bootcache.block.layer import BlockLayer, Extent, chain_of
 from bootcache.errors import BootcacheError, ImageCorruptError, ImageFormatError, StaleBaseError
-from bootcache.layers.base import BlockLayer, Extent
 from bootcache.qcow2 import cache_ext
 from bootcache.qcow2.cache_ext import CacheExtension
 from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE
@@ -38,7 +37,6 @@ _FLUSH_INTERVAL = 1.0
 _ENOSPC_RETRY = 5.0
 _STORE_PIECE = 1 << 20
 _FINGERPRINT_INTERVAL_NS = 200_000
-_STATS_INTERVAL = 1.0
 
 
 def read_extension(img: Qcow2Image) -> CacheExtension | None:
@@ -50,11 +48,12 @@ def read_extension(img: Qcow2Image) -> CacheExtension | None:
 class CacheLayer(BlockLayer):
     """A read-only view of a base, filling a cache image on the way."""
 
+    self_writing = True
+
     def __init__(self, img: Qcow2Image, ext: CacheExtension) -> None:
         if img.backing is None:
             raise ImageFormatError(f"{img.name}: a cache image needs its base (backing file)")
         self.img = img
-        self.base: BlockLayer = img.backing
         self.ext = ext
         self.name = img.name
         self.cs = img.cs
@@ -72,7 +71,7 @@ class CacheLayer(BlockLayer):
         self._version_interval_ns = int(interval * 1e9) if interval else 0
         self._version_checked = time.monotonic_ns()
         #: Reopens the base when it changed in a way it cannot adopt (qcow2).
-        self.reopen_base: Callable[[], Coroutine[Any, Any, BlockLayer]] | None = None
+        self.reopen_base: Callable[[], Coroutine[Any, Any, NodeRef]] | None = None
         #: Clusters fetched beyond a miss, in the same request (0: none).
         self.readahead = 0
         #: Bumped when a reset of the cache begins and again when it ends: fetches
@@ -91,7 +90,13 @@ class CacheLayer(BlockLayer):
         self._pread_now: Callable[[int, int], bytes] | None = getattr(
             img.source, "pread_now", None)
         self._flush_task: asyncio.Task[None] | None = None
-        self._stats_task: asyncio.Task[None] | None = None
+
+    @property
+    def base(self) -> BlockLayer:
+        """The layer the cache copies from (its image's backing file)."""
+        base = self.img.backing
+        assert base is not None
+        return base
 
     # -- opening -------------------------------------------------------------------
 
@@ -296,12 +301,6 @@ class CacheLayer(BlockLayer):
             await self.settle()
             if self._flush_task is not None:
                 self._flush_task.cancel()
-            if self._stats_task is not None:
-                self._stats_task.cancel()
-                try:
-                    os.unlink(self.stats_path())
-                except OSError:
-                    pass
             if not self.img.closed:
                 await self.flush()
         finally:
@@ -440,9 +439,9 @@ class CacheLayer(BlockLayer):
             if self.reopen_base is None:
                 raise
             # A qcow2 base cannot adopt a new version in place: open it again.
-            old, self.base = self.base, await self.reopen_base()
-            self.img.backing = self.base
-            await old.close()
+            old = self.img.attach_backing(await self.reopen_base())
+            if old is not None:
+                await old.release()
         self._base_fp = self.base.fingerprint()
         self.ext.identity = await self.base_identity()
         await self._persist_extension()
@@ -570,62 +569,25 @@ class CacheLayer(BlockLayer):
             log.warning("%s: could not save cache counters: %s", self.name, e)
         self._dirty_counters = False
 
+    def lower(self) -> list[BlockLayer]:
+        return [self.base]
+
+    def metrics(self) -> dict[str, Any]:
+        return self.stats()
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.ext.counters())
         out.update(quota=self.ext.quota, policy=cache_ext.POLICY_NAMES[self.ext.policy],
                    cached_clusters=len(self.cached), cluster_size=self.cs,
-                   background_errors=self.background_errors)
-        source = getattr(self.base, "source", None)
-        source_stats = getattr(source, "stats", None)
-        if callable(source_stats):
-            out["source"] = {"name": getattr(source, "name", ""), **source_stats()}
+                   background_errors=self.background_errors,
+                   fetches_in_flight=len(self.inflight))
+        out.update(self.base.metrics())  # the base's source counters, if remote
         return out
-
-    # -- live statistics for other processes --------------------------------------
-
-    def stats_path(self) -> str:
-        return live_stats_path(self.img.source.name)
-
-    async def _publish_stats(self) -> None:
-        """Every second, write the live counters next to the image (atomically),
-        so ``bootcache cache stats`` can show a running daemon's numbers."""
-        path = self.stats_path()
-        last = None
-        while True:
-            snapshot = self.stats()
-            if snapshot != last:
-                doc = {"pid": os.getpid(), "time": time.time(), **snapshot}
-                tmp = f"{path}.{os.getpid()}.tmp"
-                try:
-                    with open(tmp, "w") as f:
-                        json.dump(doc, f)
-                    os.replace(tmp, path)
-                except OSError as e:
-                    log.debug("%s: cannot publish stats: %s", self.name, e)
-                last = snapshot
-            await asyncio.sleep(_STATS_INTERVAL)
-
-    def start_publishing(self) -> None:
-        """Publish live stats while the event loop runs (the daemon calls this)."""
-        if self._stats_task is None:
-            self._stats_task = asyncio.get_running_loop().create_task(self._publish_stats())
 
 
 def caches_in(layer: BlockLayer) -> list[CacheLayer]:
     """The cache layers in a stack (an export may be an overlay over a cache)."""
-    found: list[CacheLayer] = []
-    node: BlockLayer | None = layer
-    while node is not None:
-        if isinstance(node, CacheLayer):
-            found.append(node)
-            node = node.base
-        else:
-            node = getattr(node, "backing", None) or getattr(node, "below", None)
-    return found
+    return [node for node in chain_of(layer) if isinstance(node, CacheLayer)]
 
 
-def live_stats_path(image_path: str) -> str:
-    return f"{image_path}.stats.json"
-
-
-__all__ = ["BootcacheError", "CacheLayer", "live_stats_path", "read_extension"]
+__all__ = ["BootcacheError", "CacheLayer", "caches_in", "read_extension"]

@@ -5,6 +5,11 @@ folder) or a URI, exactly as QEMU reads it. Because the name comes from the
 image, an untrusted image could point it at any host file; the policy
 decides which names are followed: paths must resolve inside allowed
 folders, URIs must use allowed schemes, loops and deep chains are refused.
+
+Every image of a chain is a node of a :class:`NodeGraph`, keyed by its
+canonical path or URI: opening a second chain through the same graph shares
+the images the two have in common (a daemon exporting a cache and the
+overlays above it opens the cache once).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import os
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from bootcache.block.graph import NodeGraph, NodeRef, private_ref
+from bootcache.block.layer import BlockLayer
 from bootcache.errors import BackingPolicyError, BootcacheError, UnsupportedFeatureError
-from bootcache.layers.base import BlockLayer
 from bootcache.layers.cache import CacheLayer
 from bootcache.layers.raw import RawLayer
 from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE, MAGIC
@@ -78,78 +84,118 @@ async def probe_format(source: ByteSource) -> str:
     return "qcow2" if head == MAGIC else "raw"
 
 
+def node_key(name: str) -> str:
+    """The key of an image in a node graph: its URI, or its canonical path."""
+    return name if is_uri(name) else os.path.realpath(name)
+
+
 async def open_layer(name: str, *, writable: bool = False, fmt: str | None = None,
                      policy: ChainPolicy | None = None, keep_autoclear: int = 0,
                      follow_backing: bool = True) -> BlockLayer:
-    """Open ``name`` (path or URI) and, for qcow2, its backing chain."""
+    """Open ``name`` (path or URI) and, for qcow2, its backing chain, on its
+    own: closing the returned layer closes the whole chain."""
+    ref = await open_node(name, NodeGraph(), writable=writable, fmt=fmt, policy=policy,
+                          keep_autoclear=keep_autoclear, follow_backing=follow_backing)
+    return ref.layer
+
+
+async def open_node(name: str, graph: NodeGraph, *, writable: bool = False,
+                    fmt: str | None = None, policy: ChainPolicy | None = None,
+                    keep_autoclear: int = 0, follow_backing: bool = True) -> NodeRef:
+    """A reference to ``name`` and its backing chain in ``graph``, opening
+    only the images the graph does not hold yet."""
     policy = policy or ChainPolicy()
     top_dir = None if is_uri(name) else os.path.dirname(os.path.realpath(name))
     allowed = [os.path.realpath(d) for d in (policy.allowed_dirs or [])]
     if top_dir is not None and policy.allowed_dirs is None:
         allowed = [top_dir]
-    return await _open(name, writable=writable, fmt=fmt, policy=policy, allowed=allowed,
-                       seen=[], keep_autoclear=keep_autoclear, follow=follow_backing)
+    opener = _Opener(graph, policy, allowed)
+    return await opener.node(name, writable=writable, fmt=fmt, seen=[], follow=follow_backing,
+                             keep_autoclear=keep_autoclear)
 
 
-async def _open(name: str, *, writable: bool, fmt: str | None, policy: ChainPolicy,
-                allowed: list[str], seen: list[str], keep_autoclear: int,
-                follow: bool) -> BlockLayer:
-    key = name if is_uri(name) else os.path.realpath(name)
-    if key in seen:
-        raise BackingPolicyError(f"{name}: backing chain loops ({' -> '.join([*seen, key])})")
-    if len(seen) > policy.max_depth:
-        raise BackingPolicyError(f"{name}: backing chain deeper than {policy.max_depth}")
-    seen.append(key)
-    source = await open_source(name, writable=writable)
-    try:
-        fmt = fmt or await probe_format(source)
-        if fmt == "raw":
-            return await RawLayer.open(source, read_only=not writable)
-        if fmt != "qcow2":
-            raise UnsupportedFeatureError(f"{name}: unsupported format {fmt!r}")
-        if writable and policy.activate_caches:
-            keep_autoclear |= AUTOCLEAR_CACHE  # a cache stays a cache when opened as one
-        img = await Qcow2Image.open(source, writable=writable, keep_autoclear=keep_autoclear,
-                                    name=name)
-        # The cache extension means nothing without a base (spec, section 2).
-        is_cache = (img.header.find_extension(EXT_CACHE) is not None and follow
-                    and policy.activate_caches and img.header.backing_file is not None)
-        if is_cache and not writable:
-            # A cache fills itself on reads, so it is always opened for writing
-            # (clients still cannot write to it).
+class _Opener:
+    """Opens one chain under a policy, node by node, through a graph."""
+
+    def __init__(self, graph: NodeGraph, policy: ChainPolicy, allowed: list[str]) -> None:
+        self.graph = graph
+        self.policy = policy
+        self.allowed = allowed
+
+    async def node(self, name: str, *, writable: bool, fmt: str | None, seen: list[str],
+                   follow: bool, keep_autoclear: int = 0) -> NodeRef:
+        key = node_key(name)
+        if key in seen:
+            raise BackingPolicyError(
+                f"{name}: backing chain loops ({' -> '.join([*seen, key])})")
+        if len(seen) > self.policy.max_depth:
+            raise BackingPolicyError(f"{name}: backing chain deeper than "
+                                     f"{self.policy.max_depth}")
+        below = [*seen, key]
+        if not follow:  # a partial chain is nobody else's business: not shared
+            return private_ref(await self.layer(name, writable=writable, fmt=fmt, seen=below,
+                                                follow=False, keep_autoclear=keep_autoclear))
+        return await self.graph.acquire(
+            key, lambda: self.layer(name, writable=writable, fmt=fmt, seen=below, follow=True,
+                                    keep_autoclear=keep_autoclear),
+            writable=writable)
+
+    async def layer(self, name: str, *, writable: bool, fmt: str | None, seen: list[str],
+                    follow: bool, keep_autoclear: int) -> BlockLayer:
+        """Open ``name`` itself, and take references to its backing chain."""
+        policy = self.policy
+        source = await open_source(name, writable=writable)
+        try:
+            fmt = fmt or await probe_format(source)
+            if fmt == "raw":
+                return await RawLayer.open(source, read_only=not writable)
+            if fmt != "qcow2":
+                raise UnsupportedFeatureError(f"{name}: unsupported format {fmt!r}")
+            if writable and policy.activate_caches:
+                keep_autoclear |= AUTOCLEAR_CACHE  # a cache stays a cache when opened as one
+            img = await Qcow2Image.open(source, writable=writable,
+                                        keep_autoclear=keep_autoclear, name=name)
+            # The cache extension means nothing without a base (spec, section 2).
+            is_cache = (img.header.find_extension(EXT_CACHE) is not None and follow
+                        and policy.activate_caches and img.header.backing_file is not None)
+            if is_cache and not writable:
+                # A cache fills itself on reads, so it is always opened for writing
+                # (clients still cannot write to it).
+                await source.close()
+                source = await open_source(name, writable=True)
+                img = await Qcow2Image.open(source, writable=True,
+                                            keep_autoclear=AUTOCLEAR_CACHE, name=name)
+        except BaseException:
             await source.close()
-            source = await open_source(name, writable=True)
-            img = await Qcow2Image.open(source, writable=True, keep_autoclear=AUTOCLEAR_CACHE,
-                                        name=name)
-    except BaseException:
-        await source.close()
-        raise
-    backing = img.header.backing_file
-    below_seen = list(seen)
-
-    async def open_backing() -> BlockLayer:
-        assert backing is not None
-        target = resolve_backing(name, backing, policy, allowed)
-        return await _open(target, writable=False, fmt=img.header.backing_format,
-                           policy=policy, allowed=allowed, seen=list(below_seen),
-                           keep_autoclear=0, follow=True)
-
-    if backing and follow:
-        try:
-            img.backing = await open_backing()
-        except BaseException:
-            await img.close()
             raise
-    if is_cache:
-        try:
-            cache = await CacheLayer.open(img)
-        except BaseException:
-            await img.close()
-            raise
-        cache.reopen_base = open_backing
-        cache.readahead = -(-policy.cache_readahead // img.cs)
-        return cache
-    return img
+        backing = img.header.backing_file
+
+        async def open_backing(graph: NodeGraph | None = None) -> NodeRef:
+            assert backing is not None
+            target = resolve_backing(name, backing, policy, self.allowed)
+            if graph is None:
+                # Reopening a changed base: a fresh node, not the one in the graph.
+                return await open_node(target, NodeGraph(), fmt=img.header.backing_format,
+                                       policy=policy)
+            return await self.node(target, writable=False, fmt=img.header.backing_format,
+                                   seen=seen, follow=True)
+
+        if backing and follow:
+            try:
+                img.attach_backing(await open_backing(self.graph))
+            except BaseException:
+                await img.close()
+                raise
+        if is_cache:
+            try:
+                cache = await CacheLayer.open(img)
+            except BaseException:
+                await img.close()
+                raise
+            cache.reopen_base = open_backing
+            cache.readahead = -(-policy.cache_readahead // img.cs)
+            return cache
+        return img
 
 
 def resolve_backing(image: str, backing: str, policy: ChainPolicy, allowed: list[str]) -> str:
@@ -176,4 +222,5 @@ def resolve_backing(image: str, backing: str, policy: ChainPolicy, allowed: list
     return path
 
 
-__all__ = ["BootcacheError", "ChainPolicy", "open_layer", "resolve_backing"]
+__all__ = ["BootcacheError", "ChainPolicy", "node_key", "open_layer", "open_node",
+           "resolve_backing"]

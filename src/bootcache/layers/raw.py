@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from bootcache.block.layer import BlockLayer, Extent, SourceBacked
 from bootcache.errors import ReadOnlyError
-from bootcache.layers.base import BlockLayer, Extent, SourceBacked
 from bootcache.sources.base import ByteSource
 
 

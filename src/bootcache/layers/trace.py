@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from bootcache.layers.base import BlockLayer, Extent
-from bootcache.storm.trace import TraceWriter
+from bootcache.block.graph import NodeRef
+from bootcache.block.layer import BlockLayer, Extent
 
 
 class TraceLayer(BlockLayer):
-    """Forwards everything to ``below``; writes each read to ``writer``."""
+    """Forwards everything to the layer below; reports each read to ``record``
+    (offset, length) before passing it on."""
 
-    def __init__(self, below: BlockLayer, writer: TraceWriter) -> None:
-        self.below = below
-        self.writer = writer
-        self.name = below.name
+    def __init__(self, below: NodeRef, record: Callable[[int, int], None]) -> None:
+        self._below_ref = below
+        self.below = below.layer
+        self.record = record
+        self.name = self.below.name
 
     @property
     def size(self) -> int:
@@ -25,7 +28,7 @@ class TraceLayer(BlockLayer):
         return self.below.read_only
 
     async def pread(self, offset: int, length: int) -> bytes:
-        self.writer.read(offset, length)
+        self.record(offset, length)
         return await self.below.pread(offset, length)
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview,
@@ -54,5 +57,8 @@ class TraceLayer(BlockLayer):
     def identity(self) -> dict[str, Any]:
         return self.below.identity()
 
+    def lower(self) -> list[BlockLayer]:
+        return [self.below]
+
     async def close(self) -> None:
-        await self.below.close()
+        await self._below_ref.release()

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from bootcache.block.layer import Extent
 from bootcache.errors import BootcacheError
-from bootcache.layers.base import Extent
 from bootcache.nbd import wire as w
 
 MAX_PAYLOAD: Final = 32 << 20

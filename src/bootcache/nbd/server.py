@@ -1,7 +1,9 @@
 """The asyncio NBD server: a thin transport around the sans-I/O protocol.
 
-One :class:`NBDServer` serves a dict of exports (name -> BlockLayer) on
-UNIX and/or TCP sockets. Each connection is an ``asyncio.Protocol``: bytes
+One :class:`NBDServer` serves the exports of a :class:`Catalogue` on UNIX
+and/or TCP sockets. The server owns sockets and connections only: the
+catalogue says which exports exist right now (it may change while clients
+are connected) and owns their layers. Each connection is an ``asyncio.Protocol``: bytes
 go into a :class:`~bootcache.nbd.protocol.ServerConnection`, requests come
 out and run against the export's layer concurrently; replies may leave out
 of order.
@@ -24,6 +26,7 @@ Hot path notes:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import logging
@@ -31,12 +34,13 @@ import os
 import socket
 import ssl
 import stat
+import time
 import types
-from collections.abc import Callable, Coroutine, Generator, Mapping
-from typing import Any, cast
+from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
+from typing import Any, Protocol, cast
 
+from bootcache.block.layer import BlockLayer
 from bootcache.errors import BootcacheError, ReadOnlyError
-from bootcache.layers.base import BlockLayer
 from bootcache.nbd import wire as w
 from bootcache.nbd.protocol import (
     MAX_PAYLOAD,
@@ -61,17 +65,97 @@ WRITE_LOW_WATER = 1 << 20
 BATCH_FLUSH = 1 << 20  # write a batch out early once it holds this much
 
 
+#: Upper bounds (seconds) of the read-latency histogram's buckets.
+LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+class ReadCounters:
+    """Reads served by one export, and how long they took."""
+
+    __slots__ = ("buckets", "bytes", "errors", "reads", "seconds")
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.bytes = 0
+        self.errors = 0
+        self.seconds = 0.0
+        #: Reads per latency bucket (the last one: slower than every bound).
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        self.reads += 1
+        self.bytes += nbytes
+        self.seconds += seconds
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+
 class Export:
     """One export: its layer, what the protocol sees of it, and run mode."""
 
-    def __init__(self, name: str, layer: BlockLayer, description: str = "") -> None:
+    def __init__(self, name: str, layer: BlockLayer, description: str = "", *,
+                 read_only: bool = False) -> None:
         self.name = name
         self.layer = layer
-        self.info = ExportInfo(size=layer.size, read_only=layer.read_only,
+        self.info = ExportInfo(size=layer.size, read_only=read_only or layer.read_only,
                                description=description,
                                fast_zero=bool(getattr(layer, "fast_zero", False)))
         # Cleared when the layer turns out to need a Task from its first step.
         self.eager = True
+        self.counters = ReadCounters()
+
+
+class Catalogue(Protocol):
+    """What the server asks of whoever owns the exports."""
+
+    def get(self, name: str) -> Export | None:
+        """The export a new client may open under ``name`` (None: no such export)."""
+
+    def names(self) -> list[str]:
+        """Exports a client may list, in order."""
+
+    def attach(self, export: Export, conn: NBDProtocol) -> None:
+        """A client entered transmission on ``export``."""
+
+    def detach(self, export: Export, conn: NBDProtocol) -> None:
+        """That client's connection ended."""
+
+
+class StaticCatalogue:
+    """A fixed set of exports (for tools and tests); the caller owns the layers."""
+
+    def __init__(self, layers: Mapping[str, BlockLayer]) -> None:
+        self.exports = {name: Export(name, layer) for name, layer in layers.items()}
+
+    def get(self, name: str) -> Export | None:
+        return self.exports.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.exports)
+
+    def attach(self, export: Export, conn: NBDProtocol) -> None:
+        pass
+
+    def detach(self, export: Export, conn: NBDProtocol) -> None:
+        pass
+
+
+class _InfoView(Mapping[str, ExportInfo]):
+    """The catalogue as the protocol core sees it: names to ExportInfo, live."""
+
+    def __init__(self, catalogue: Catalogue) -> None:
+        self._catalogue = catalogue
+
+    def __getitem__(self, name: str) -> ExportInfo:
+        export = self._catalogue.get(name)
+        if export is None:
+            raise KeyError(name)
+        return export.info
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._catalogue.names())
+
+    def __len__(self) -> int:
+        return len(self._catalogue.names())
 
 
 def nbd_errno(exc: BaseException) -> int:
@@ -140,7 +224,9 @@ class NBDProtocol(asyncio.Protocol):
         self.peer = "?"
         self._batch: list[bytes] | None = None
         self._batch_bytes = 0
-        self._tasks: dict[asyncio.Task[Any], tuple[Request, Done]] = {}
+        self._tasks: dict[asyncio.Task[Any], tuple[Request, Done, float]] = {}
+        #: How long the request being completed waited (0: done at once).
+        self._waited = 0.0
         self._inflight_bytes = 0
         self._write_paused = False
         self._reading_paused = False
@@ -297,8 +383,13 @@ class NBDProtocol(asyncio.Protocol):
 
     def _session_event(self, event: object) -> None:
         if type(event) is Ready:
-            self.export = self.server.exports[event.export]
-            self.layer = self.export.layer
+            export = self.server.catalogue.get(event.export)
+            if export is None:  # removed between the lookup and now
+                self._abort()
+                return
+            self.export = export
+            self.layer = export.layer
+            self.server.catalogue.attach(export, self)
             if self._handshake_timer is not None:
                 self._handshake_timer.cancel()
                 self._handshake_timer = None
@@ -357,11 +448,20 @@ class NBDProtocol(asyncio.Protocol):
             self.transport.close()
             return  # connection_lost() comes back here
         self.server.connections.discard(self)
+        if self.export is not None:
+            self.server.catalogue.detach(self.export, self)
+            self.export = None
         if not self.finished.done():
             self.finished.set_result(None)
 
     def _protocol_error(self, e: ProtocolError) -> None:
         log.info("%s: protocol error, closing: %s", self.peer, e)
+        self._abort()
+
+    def close_now(self) -> None:
+        """Drop the client at once: requests in flight are cancelled."""
+        for task in list(self._tasks):
+            task.cancel()
         self._abort()
 
     def _abort(self) -> None:
@@ -418,26 +518,30 @@ class NBDProtocol(asyncio.Protocol):
         self._track(self.loop.create_task(fn(*args, **kwargs)), req, done)
 
     def _track(self, task: asyncio.Task[Any], req: Request, done: Done) -> None:
-        self._tasks[task] = (req, done)
+        self._tasks[task] = (req, done, time.monotonic())
         if req.command <= w.CMD_WRITE:
             self._inflight_bytes += req.length
         task.add_done_callback(self._task_done)
         self._recheck()
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        req, done = self._tasks.pop(task)
+        req, done, started = self._tasks.pop(task)
         if req.command <= w.CMD_WRITE:
             self._inflight_bytes -= req.length
         self._recheck()
         if task.cancelled():
             self._send(self.conn.reply_error(req.handle, w.ESHUTDOWN, "cancelled"))
         elif (exc := task.exception()) is not None:
+            if req.command == w.CMD_READ and self.export is not None:
+                self.export.counters.errors += 1
             self._failed(req, exc)
         else:
+            self._waited = time.monotonic() - started
             try:
                 done(req, task.result())
             except Exception as bug:
                 self._failed(req, bug)
+            self._waited = 0.0
         if self._ending:
             self._check_finished()
         else:
@@ -478,6 +582,10 @@ class NBDProtocol(asyncio.Protocol):
             # Header and data go out as two buffers of one writev: no copy.
             batch.append(self.conn.read_header(req.handle, req.offset, req.length))
             batch.append(data)
+            counters = export.counters
+            counters.reads += 1  # done without waiting: the fastest bucket
+            counters.bytes += req.length
+            counters.buckets[0] += 1
             self._batch_bytes += req.length
             if self._batch_bytes >= BATCH_FLUSH:
                 self._flush_batch()
@@ -488,6 +596,8 @@ class NBDProtocol(asyncio.Protocol):
             self._adopt(coro, pending, req, self._read_done)
 
     def _read_done(self, req: Request, data: bytes) -> None:
+        if self.export is not None:
+            self.export.counters.add(req.length, self._waited)
         if len(data) != req.length:
             self._failed(req, OSError(errno.EIO, f"short read: {len(data)} of {req.length}"))
             return
@@ -536,18 +646,21 @@ class NBDProtocol(asyncio.Protocol):
 
 
 class NBDServer:
-    """Serves ``exports`` (name -> layer) until :meth:`shutdown`."""
+    """Serves a catalogue's exports (or a fixed name -> layer mapping) until
+    :meth:`shutdown`. It never closes the layers: their owner does."""
 
-    def __init__(self, exports: Mapping[str, BlockLayer], *,
+    def __init__(self, exports: Catalogue | Mapping[str, BlockLayer], *,
                  ssl_context: ssl.SSLContext | None = None, tls_required: bool = False,
                  max_payload: int = MAX_PAYLOAD, handshake_timeout: float = 60.0) -> None:
-        if not exports:
-            raise ValueError("no exports")
         if tls_required and ssl_context is None:
             raise ValueError("TLS required but no certificate given")
         self.loop = asyncio.get_running_loop()
-        self.exports = {name: Export(name, layer) for name, layer in exports.items()}
-        self.infos = {name: e.info for name, e in self.exports.items()}
+        if isinstance(exports, Mapping):
+            if not exports:
+                raise ValueError("no exports")
+            exports = StaticCatalogue(exports)
+        self.catalogue: Catalogue = exports
+        self.infos: Mapping[str, ExportInfo] = _InfoView(exports)
         self.ssl_context = ssl_context
         self.tls_required = tls_required
         self.max_payload = max_payload
@@ -588,8 +701,8 @@ class NBDServer:
         return [s.getsockname()[:2] for s in server.sockets]
 
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let in-flight requests finish (error new ones),
-        close connections, flush and close every layer."""
+        """Stop accepting, let in-flight requests finish (error new ones) and
+        close connections. The layers stay open: their owner closes them."""
         self.closing = True
         for server in self._servers:
             server.close()
@@ -603,24 +716,24 @@ class NBDServer:
             _, late = await asyncio.wait(pending, timeout=timeout)
             for proto in list(self.connections):
                 if not proto.finished.done():
-                    for task in list(proto._tasks):
-                        task.cancel()
-                    proto._abort()
+                    proto.close_now()
             if late:
                 await asyncio.wait(late, timeout=5)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
-        layers = {id(e.layer): e.layer for e in self.exports.values()}
-        for layer in layers.values():
-            try:
-                settle = getattr(layer, "settle", None)
-                if settle is not None:
-                    await settle()  # background work (cache stores) first
-                await layer.flush()  # a read-only cache export still writes itself
-            except Exception:
-                log.exception("%s: flush at shutdown failed", layer.name)
-            try:
-                await layer.close()
-            except Exception:
-                log.exception("%s: close at shutdown failed", layer.name)
+
+
+async def close_layers(layers: list[BlockLayer]) -> None:
+    """Finish background work, flush and close each layer (errors logged):
+    for owners of a fixed set of layers, after the server's shutdown."""
+    for layer in layers:
+        try:
+            await layer.settle()  # background work (cache stores) first
+            await layer.flush()  # a read-only cache export still writes itself
+        except Exception:
+            log.exception("%s: flush at shutdown failed", layer.name)
+        try:
+            await layer.close()
+        except Exception:
+            log.exception("%s: close at shutdown failed", layer.name)

@@ -21,13 +21,14 @@ from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from bootcache.block.graph import NodeRef
+from bootcache.block.layer import BlockLayer, Extent, SourceBacked
 from bootcache.errors import (
     ImageCorruptError,
     ReadOnlyError,
     StaleBaseError,
     UnsupportedFeatureError,
 )
-from bootcache.layers.base import BlockLayer, Extent, SourceBacked
 from bootcache.qcow2 import format as fmt
 from bootcache.qcow2.compress import decompress_cluster
 from bootcache.qcow2.format import (
@@ -65,7 +66,8 @@ class Qcow2Image(SourceBacked, BlockLayer):
         self.l1 = l1
         self.refcounts = refcounts
         self.writable = writable
-        self.backing: BlockLayer | None = None
+        #: The open backing file (None: not opened, or none), held by reference.
+        self.backing_ref: NodeRef | None = None
         self.cb = header.cluster_bits
         self.cs = header.cluster_size
         self.extended = header.extended_l2
@@ -163,6 +165,22 @@ class Qcow2Image(SourceBacked, BlockLayer):
     def _require_writable(self) -> None:
         if not self.writable:
             raise ReadOnlyError(f"{self.name}: image is open read-only")
+
+    @property
+    def backing(self) -> BlockLayer | None:
+        """The layer below, read where this image holds nothing."""
+        ref = self.backing_ref
+        return ref.layer if ref is not None else None
+
+    def lower(self) -> list[BlockLayer]:
+        backing = self.backing
+        return [backing] if backing is not None else []
+
+    def attach_backing(self, ref: NodeRef | None) -> NodeRef | None:
+        """Read from ``ref``'s layer from now on; returns the reference held
+        before, which the caller releases."""
+        old, self.backing_ref = self.backing_ref, ref
+        return old
 
     async def settle(self) -> None:
         if self.backing is not None:
@@ -802,8 +820,8 @@ class Qcow2Image(SourceBacked, BlockLayer):
                 await self.flush()
         finally:
             await self.source.close()
-            if self.backing is not None:
-                await self.backing.close()
+            if self.backing_ref is not None:
+                await self.backing_ref.release()  # closes it if nobody else reads it
 
 
 def table_offset(img: Qcow2Image, l1i: int) -> int:

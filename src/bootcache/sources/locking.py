@@ -62,6 +62,12 @@ def _conflicts(fd: int, start: int) -> bool:
     return bool(_FLOCK.unpack(res)[0] != fcntl.F_UNLCK)
 
 
+# A daemon shares each image between its own exports, so a conflict is
+# always another process: say how to find it and what to do instead.
+_WHAT_TO_DO = ("; `fuser -v {path}` names it. Stop it, or, if it is a bootcache daemon, "
+               "export the image from that daemon (`bootcache ctl add`)")
+
+
 def lock_image(fd: int, path: str, perms: Perm, shared: Perm) -> None:
     """Take QEMU-compatible locks for holding ``perms`` and sharing ``shared``.
 
@@ -83,13 +89,14 @@ def lock_image(fd: int, path: str, perms: Perm, shared: Perm) -> None:
             unlock_image(fd)
             raise ImageLockedError(
                 f'{path}: failed to get "{_NAMES[p]}" lock: another process '
-                "(QEMU, qemu-img or bootcache) is using the image and does not share it")
+                "(QEMU, qemu-img or bootcache) is using the image and does not share it"
+                + _WHAT_TO_DO.format(path=path))
     for p in _bits(unshared):
         if _conflicts(fd, _byte(PERM_BASE, p)):
             unlock_image(fd)
             raise ImageLockedError(
                 f'{path}: failed to get shared "{_NAMES[p]}" lock: another process '
-                "(QEMU, qemu-img or bootcache) holds it")
+                "(QEMU, qemu-img or bootcache) holds it" + _WHAT_TO_DO.format(path=path))
 
 
 def unlock_image(fd: int) -> None:

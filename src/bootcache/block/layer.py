@@ -37,6 +37,9 @@ class BlockLayer(ABC):
 
     #: Human-readable name used in messages and logs.
     name: str = ""
+    #: Written only by its own copy-on-read path (a cache), never by clients,
+    #: so any number of users may share it whatever access they asked for.
+    self_writing: bool = False
 
     @property
     @abstractmethod
@@ -98,11 +101,20 @@ class BlockLayer(ABC):
         """A cheap value that changes whenever the storage's identity does."""
         return None
 
+    def lower(self) -> list[BlockLayer]:
+        """The layers this one reads from (its backing file, the base of a cache)."""
+        return []
+
+    def metrics(self) -> dict[str, Any]:
+        """This layer's own counters, for ``ctl stats`` and Prometheus."""
+        return {}
+
     async def prefetch(self, offset: int, length: int) -> None:
         """Bring a range into the nearest cache (NBD_CMD_CACHE); default: nothing."""
 
     async def close(self) -> None:
-        """Release resources held by this layer and the layers below it."""
+        """Release what this layer holds: its own storage, and its references
+        to the layers below (which close when nobody else holds them)."""
 
     def check_range(self, offset: int, length: int) -> None:
         """Raise ValueError unless [offset, offset+length) lies inside the disk."""
@@ -127,3 +139,18 @@ class SourceBacked:
 
     def fingerprint(self) -> object:
         return self.source.fingerprint()
+
+    def metrics(self) -> dict[str, Any]:
+        stats = getattr(self.source, "stats", None)  # remote sources count requests
+        return {"source": {"name": self.source.name, **stats()}} if callable(stats) else {}
+
+
+def chain_of(layer: BlockLayer) -> list[BlockLayer]:
+    """``layer`` and every layer it reads from, top first."""
+    out, todo = [], [layer]
+    while todo:
+        node = todo.pop()
+        if node not in out:
+            out.append(node)
+            todo.extend(reversed(node.lower()))
+    return out
