@@ -146,19 +146,33 @@ def libvirtd() -> Iterator[Libvirtd]:
                 pytest.skip(f"virtlogd cannot start: {e}: {_log_tail(workdir / 'virtlogd.log')}")
         conf = workdir / "qemu.conf"
         conf.write_text('user = "root"\ngroup = "root"\n')
-        script = f"mount --bind {conf} /etc/libvirt/qemu.conf && exec libvirtd"
-        log = open(workdir / "libvirtd.log", "wb")  # noqa: SIM115
-        daemon = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
-                                   "sh", "-c", script], stdout=log, stderr=log,
-                                  start_new_session=True)
-        started.append(daemon)
-        try:
-            # The first start probes QEMU's capabilities (seconds); later ones
-            # read them from /var/cache/libvirt.
-            wait_until("libvirtd", _libvirtd_answers, 180, daemon)
-        except (RuntimeError, TimeoutError) as e:
-            pytest.skip(f"libvirtd cannot start here: {e}: {_log_tail(workdir / 'libvirtd.log')}")
-        yield Libvirtd(qemu_is_root=True)
+        private = f"mount --bind {conf} /etc/libvirt/qemu.conf && exec libvirtd"
+        attempts = [
+            # QEMU as root, the machine's config untouched.
+            (["unshare", "--mount", "--propagation", "private", "sh", "-c", private], True),
+            # No mount namespaces here: the system config, QEMU as its user.
+            (["libvirtd"], False),
+        ]
+        failures = []
+        qemu_is_root = False
+        for cmd, as_root in attempts:
+            logpath = workdir / f"libvirtd.{len(failures)}.log"
+            log = open(logpath, "wb")  # noqa: SIM115 (lives as long as the daemon)
+            daemon = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+            started.append(daemon)
+            try:
+                # The first start probes QEMU's capabilities (seconds); later
+                # ones read them from /var/cache/libvirt.
+                wait_until("libvirtd", _libvirtd_answers, 180, daemon)
+                qemu_is_root = as_root
+                break
+            except (RuntimeError, TimeoutError) as e:
+                _stop(daemon)
+                started.remove(daemon)
+                failures.append(f"{cmd[0]}: {e}: {_log_tail(logpath)}")
+        else:
+            pytest.skip("libvirtd cannot start here: " + " | ".join(failures))
+        yield Libvirtd(qemu_is_root=qemu_is_root)
     finally:
         for proc in reversed(started):
             _stop(proc)
