@@ -205,10 +205,10 @@ def write_pattern_base(path: Path, size: int) -> None:
 
 
 def attach(vm: Vm, daemon: Daemon, overlay: Path, device_id: str, *extra: str,
-           check: bool = True) -> subprocess.CompletedProcess[str]:
+           bus: str = "rp1", check: bool = True) -> subprocess.CompletedProcess[str]:
     return bootcache("vm", "attach", "--qmp", vm.qmp_socket, "--export", EXPORT,
                      "--socket", daemon.socket, "--overlay", overlay, "--id", device_id,
-                     "--bus", "rp1", *extra, check=check)
+                     "--bus", bus, *extra, check=check)
 
 
 def detach(vm: Vm, device_id: str, check: bool = True) -> subprocess.CompletedProcess[str]:
