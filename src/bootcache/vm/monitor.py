@@ -9,6 +9,7 @@ before it changes anything, and a bounded wait for one event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -49,7 +50,7 @@ class Monitor:
             async with asyncio.timeout(timeout):
                 await client.connect(path)
         except TimeoutError:
-            await client.disconnect()
+            await _disconnect(client)
             raise HotplugError(f"QMP socket {path}: no answer within {timeout:g} s "
                                "(is another client connected to it?)") from None
         except (ConnectError, OSError) as e:
@@ -57,7 +58,7 @@ class Monitor:
         return cls(path, client)
 
     async def close(self) -> None:
-        await self._client.disconnect()
+        await _disconnect(self._client)
 
     async def __aenter__(self) -> Monitor:
         return self
@@ -93,6 +94,13 @@ class Monitor:
     def listener(self, event: str, accept: Callable[[Message], bool]) -> EventWaiter:
         """Start listening now (before the command that causes ``event``)."""
         return EventWaiter(self._client, event, accept)
+
+
+async def _disconnect(client: QMPClient) -> None:
+    # disconnect() re-raises whatever ended the session (EOF when QEMU went
+    # away); by then the outcome is decided, and that error would hide it.
+    with contextlib.suppress(Exception):
+        await client.disconnect()
 
 
 class EventWaiter:
