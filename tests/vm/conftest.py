@@ -40,8 +40,6 @@ EXPORT = "vmdisk"
 START_TIMEOUT = 30.0
 QMP_TIMEOUT = 60.0  # a qemu-io read waiting on an NBD reconnect holds the monitor
 
-pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
-
 
 def pattern_of(cluster: int) -> int:
     return cluster % 251 + 1
@@ -252,6 +250,8 @@ def daemon(workdir: Path) -> Iterator[Daemon]:
 
 @pytest.fixture
 def make_vm(workdir: Path) -> Iterator[Callable[[str], Vm]]:
+    if QEMU is None:
+        pytest.skip("qemu-system-x86_64 not installed (.ci/install-deps installs it)")
     vms: list[Vm] = []
 
     def make(name: str) -> Vm:

@@ -7,14 +7,19 @@ device and no block node behind.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from .conftest import (
+    BASE_SIZE,
     CLUSTER,
     Daemon,
     Vm,
     attach,
+    bootcache,
     cache_stats,
     detach,
     wait_for,
@@ -39,9 +44,14 @@ def test_attach_reads_the_base_through_the_cache(daemon: Daemon, make_vm: Any,
     assert overlay.exists(), "attach did not create the overlay"
     assert {"disk1-nbd", "disk1-file", "disk1-overlay"} <= vm.node_names()
     assert "disk1" in vm.device_ids()
-    [block] = [b for b in vm.block_devices() if b.get("qdev", "").endswith("disk1/virtio-backend")
-               or b.get("inserted", {}).get("node-name") == "disk1-overlay"]
+    [block] = [b for b in vm.block_devices()
+               if b.get("inserted", {}).get("node-name") == "disk1-overlay"]
+    assert block["qdev"] == "/machine/peripheral/disk1/virtio-backend"
     assert block["inserted"]["backing_file_depth"] == 1
+    info = json.loads(bootcache("info", "-U", "--output", "json", overlay).stdout)
+    assert info["backing-filename"] == f"nbd+unix:///vmdisk?socket={daemon.socket}"
+    assert info["backing-filename-format"] == "raw"
+    assert info["virtual-size"] == BASE_SIZE
     before = cache_stats(daemon.cache)
 
     clusters = [0, 1, 7, 30, 63]
@@ -99,3 +109,11 @@ def test_detach_removes_device_and_nodes(daemon: Daemon, make_vm: Any, workdir: 
     vm.read_clusters("disk1-overlay", [6])
     detach(vm, "disk1")
     assert vm.node_names() == nodes_before
+
+
+def test_help_does_not_load_the_qmp_library() -> None:
+    # `bootcache --help` lists `vm`; only running a vm command imports qemu.qmp.
+    code = ("import sys; from bootcache.cli.main import _register; _register(); "
+            "assert 'qemu.qmp' not in sys.modules, 'qemu.qmp imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert "attach" in bootcache("vm", "--help").stdout
