@@ -21,9 +21,9 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so that each module can import ``cli`` without a cycle.
-    from bootcache.cli import bench, cache, images
+    from bootcache.cli import bench, cache, images, vm
 
-    for command in [*images.COMMANDS, *cache.COMMANDS, *bench.COMMANDS]:
+    for command in [*images.COMMANDS, *cache.COMMANDS, *bench.COMMANDS, *vm.COMMANDS]:
         cli.add_command(command)
     from bootcache.cli.serve import serve
     cli.add_command(serve)
