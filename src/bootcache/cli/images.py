@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import re
@@ -204,6 +205,8 @@ async def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
             info["full-backing-filename"] = full
             if h.backing_format:
                 info["backing-filename-format"] = h.backing_format
+        for module in INFO_HOOK_MODULES:
+            importlib.import_module(module)  # registers its hook, once
         for hook in INFO_HOOKS:
             hook(img, info)
         return info
@@ -213,6 +216,9 @@ async def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
 
 #: Extra facts other modules add to ``info`` (the cache extension does).
 INFO_HOOKS: list[Callable[[Qcow2Image, dict[str, Any]], None]] = []
+#: The modules that append to INFO_HOOKS: the CLI imports a command's module
+#: only when it runs, so ``info`` imports these itself.
+INFO_HOOK_MODULES = ("bootcache.cli.cache",)
 
 
 def _human_size(n: int) -> str:
