@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from bootcache.errors import BootcacheError
 
 if TYPE_CHECKING:
-    from bootcache import api
+    from bootcache import api as api
     from bootcache.api import Image, create, open
 
 __version__ = "0.1.0"
