@@ -2,16 +2,20 @@
 
 Each command is run RUNS times, the commands taking turns (so a burst of load
 on a noisy machine hits them all alike); the median wall time of each is
-reported, with the load average at the start.
+reported, with the load average at the start. A first round, not counted,
+writes the bytecode caches as an installed package has them (the children
+run without PYTHONDONTWRITEBYTECODE: compiling every module on each run
+would otherwise be most of what is measured).
 
 Usage:
-    .venv/bin/python bench/cli_startup.py [--runs 31] [--bootcache .venv/bin/bootcache]
+    .venv/bin/python bench/cli_startup.py [--runs 31] [--bootcache ".venv/bin/bootcache"]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -19,33 +23,39 @@ import sys
 import tempfile
 import time
 
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
 
 def measure(argv: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                   env=ENV)
     return time.perf_counter() - t0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=31)
-    ap.add_argument("--bootcache", default=os.path.join(os.path.dirname(sys.executable),
-                                                        "bootcache"))
+    ap.add_argument("--bootcache", help="the command to time, split as a shell would "
+                    "(e.g. 'python -m bootcache'); default: bootcache beside this python",
+                    default=os.path.join(os.path.dirname(sys.executable), "bootcache"))
     args = ap.parse_args()
-    bc = args.bootcache
+    bc = shlex.split(args.bootcache)
     with tempfile.TemporaryDirectory(prefix="cli-startup-") as tmp:
         img = os.path.join(tmp, "x.qcow2")
         new = os.path.join(tmp, "new.qcow2")
-        subprocess.run([bc, "create", "-q", img, "1G"], check=True)
+        subprocess.run([*bc, "create", "-q", img, "1G"], check=True)
         commands: dict[str, list[str]] = {
-            "bootcache --help": [bc, "--help"],
-            "bootcache info FILE": [bc, "info", img],
-            "bootcache check FILE": [bc, "check", img],
-            "bootcache create FILE 1G": [bc, "create", "-q", new, "1G"],
+            "bootcache --help": [*bc, "--help"],
+            "bootcache info FILE": [*bc, "info", img],
+            "bootcache check FILE": [*bc, "check", img],
+            "bootcache create FILE 1G": [*bc, "create", "-q", new, "1G"],
         }
         if shutil.which("qemu-img"):
             commands["qemu-img info FILE"] = ["qemu-img", "info", img]
         times: dict[str, list[float]] = {name: [] for name in commands}
+        for argv in commands.values():
+            measure(argv)  # warm-up: bytecode caches, page cache
         load = os.getloadavg()[0]
         for _ in range(args.runs):
             for name, argv in commands.items():
