@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING
 
 from bootcache.errors import BackingPolicyError, BootcacheError, UnsupportedFeatureError
 from bootcache.layers.base import BlockLayer
@@ -21,6 +21,9 @@ from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE, MAGIC
 from bootcache.qcow2.image import Qcow2Image
 from bootcache.sources.base import ByteSource
 from bootcache.sources.file import FileSource
+
+if TYPE_CHECKING:
+    from urllib.parse import SplitResult
 
 REMOTE_SCHEMES = frozenset({"nbd", "nbd+unix", "nbd+tcp", "nbds", "nbds+unix", "http",
                             "https", "s3"})
@@ -55,9 +58,17 @@ class ChainPolicy:
                    cache_readahead=max(readahead, 0))
 
 
+def _urlsplit(name: str) -> SplitResult:
+    # urllib.parse takes a few ms to import: plain paths, what the CLI mostly
+    # opens, never need it.
+    from urllib.parse import urlsplit
+
+    return urlsplit(name)
+
+
 def is_uri(name: str) -> bool:
-    scheme = urlsplit(name).scheme
-    return len(scheme) > 1 and "://" in name  # "C:" style or plain paths are not URIs
+    # "C:" style or plain paths are not URIs
+    return "://" in name and len(_urlsplit(name).scheme) > 1
 
 
 async def open_source(name: str, *, writable: bool) -> ByteSource:
@@ -69,7 +80,7 @@ async def open_source(name: str, *, writable: bool) -> ByteSource:
             raise UnsupportedFeatureError(f"{name}: remote sources are not available") from e
         src: ByteSource = await uri.open_source(name, writable=writable)
         return src
-    path = urlsplit(name).path if name.startswith("file://") else name
+    path = _urlsplit(name).path if name.startswith("file://") else name
     return FileSource(path, writable=writable)
 
 
@@ -155,11 +166,11 @@ async def _open(name: str, *, writable: bool, fmt: str | None, policy: ChainPoli
 def resolve_backing(image: str, backing: str, policy: ChainPolicy, allowed: list[str]) -> str:
     """The path or URI a backing file name refers to, if the policy allows it."""
     if is_uri(backing) and not backing.startswith("file://"):
-        scheme = urlsplit(backing).scheme
+        scheme = _urlsplit(backing).scheme
         if scheme not in policy.allowed_schemes and not policy.trusted:
             raise BackingPolicyError(f"{image}: backing URI scheme {scheme!r} is not allowed")
         return backing
-    path = urlsplit(backing).path if backing.startswith("file://") else backing
+    path = _urlsplit(backing).path if backing.startswith("file://") else backing
     if not os.path.isabs(path):
         if is_uri(image):
             raise BackingPolicyError(
