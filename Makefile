@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml .ci/install-deps
 	.ci/install-deps
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $@
 
 demo: setup

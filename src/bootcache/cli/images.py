@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -16,10 +17,13 @@ from bootcache.errors import BootcacheError, ImageFormatError
 from bootcache.layers.chain import ChainPolicy, is_uri, open_layer, probe_format
 from bootcache.qcow2 import format as fmt
 from bootcache.qcow2.cache_options import CACHE_KEYS, cache_extension_from_options
-from bootcache.qcow2.check import CheckResult, check_image
-from bootcache.qcow2.create import CreateOptions, create_qcow2, create_raw
 from bootcache.qcow2.image import COMPRESSED, DATA, UNALLOC, ZERO, Qcow2Image
 from bootcache.sources.file import FileSource
+
+if TYPE_CHECKING:
+    # Imported by the commands that use them: each command loads only its own.
+    from bootcache.qcow2.check import CheckResult
+    from bootcache.qcow2.create import CreateOptions
 
 T = TypeVar("T")
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
@@ -77,6 +81,8 @@ CREATE_KEYS = {"cluster_size", "compat", "lazy_refcounts", "refcount_bits", "com
 
 
 def create_options(opts: dict[str, str]) -> CreateOptions:
+    from bootcache.qcow2.create import CreateOptions
+
     unknown = set(opts) - CREATE_KEYS
     if unknown:
         raise click.BadParameter(f"unknown -o option(s): {', '.join(sorted(unknown))}")
@@ -136,6 +142,8 @@ def create(image_fmt: str, backing: str | None, backing_fmt: str | None, options
 
     A cache image is created with -o cache_img_quota=BYTES or --cache-quota.
     """
+    from bootcache.qcow2.create import create_qcow2, create_raw
+
     opts = parse_options(options)
     for key, value in (("cache_img_quota", cache_quota), ("cache_policy", cache_policy),
                        ("cache_on_stale", cache_on_stale)):
@@ -204,6 +212,8 @@ async def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
             info["full-backing-filename"] = full
             if h.backing_format:
                 info["backing-filename-format"] = h.backing_format
+        for module in INFO_HOOK_MODULES:
+            importlib.import_module(module)  # registers its hook, once
         for hook in INFO_HOOKS:
             hook(img, info)
         return info
@@ -213,6 +223,9 @@ async def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
 
 #: Extra facts other modules add to ``info`` (the cache extension does).
 INFO_HOOKS: list[Callable[[Qcow2Image, dict[str, Any]], None]] = []
+#: The modules that append to INFO_HOOKS: the CLI imports a command's module
+#: only when it runs, so ``info`` imports these itself.
+INFO_HOOK_MODULES = ("bootcache.cli.cache",)
 
 
 def _human_size(n: int) -> str:
@@ -276,6 +289,8 @@ def info(output: str, backing_chain: bool, force_share: bool, image_fmt: str | N
 # -- check ----------------------------------------------------------------------
 
 async def run_check(path: str, repair: str | None) -> CheckResult:
+    from bootcache.qcow2.check import CheckResult, check_image
+
     try:
         source = FileSource(path, writable=repair is not None)
     except BootcacheError as e:

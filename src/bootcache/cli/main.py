@@ -1,7 +1,7 @@
 """The ``bootcache`` command: a qemu-img-like front end.
 
-Each command group lives in its own module under ``bootcache.cli`` and is
-registered here.
+Each command group lives in its own module under ``bootcache.cli``; it is
+named in ``COMMANDS`` below and imported only when it is run.
 """
 
 from __future__ import annotations
@@ -10,29 +10,38 @@ import sys
 
 import click
 
+from bootcache.cli.lazy import LazyGroup
 from bootcache.errors import BootcacheError
 
+#: name -> (where the command is, its short help for ``bootcache --help``);
+#: tests/test_cli_startup.py checks that the help matches the command's own.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("bootcache.cli.bench:bench", "Benchmarks."),
+    "cache": ("bootcache.cli.cache:cache", "Inspect cache images."),
+    "check": ("bootcache.cli.images:check",
+              "Check an image; exit 0 clean, 1 not checkable, 2 corrupt, 3 leaks only."),
+    "ctl": ("bootcache.cli.ctl:ctl", "Add, remove and inspect the exports of a running daemon."),
+    "create": ("bootcache.cli.images:create",
+               "Create an image (sizes take K, M, G, T suffixes)."),
+    "info": ("bootcache.cli.images:info", "Show facts about an image."),
+    "map": ("bootcache.cli.images:map_cmd",
+            "Show where the data of each range of an image comes from."),
+    "resize": ("bootcache.cli.images:resize", "Grow a qcow2 image to SIZE (or by +SIZE)."),
+    "serve": ("bootcache.cli.serve:serve",
+              "Serve IMAGEs (and the catalog of --config) over NBD until SIGTERM."),
+    "trace": ("bootcache.cli.bench:trace", "Record and replay boot traces."),
+    "vm": ("bootcache.cli.vm:vm", "Hot-plug disks backed by a cache export into running VMs (QMP)."),
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(cls=LazyGroup, lazy_subcommands=COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bootcache")
 def cli() -> None:
     """Cache images for fast, many-VM boots from one remote base."""
 
 
-def _register() -> None:
-    # Imported here so that each module can import ``cli`` without a cycle.
-    from bootcache.cli import bench, cache, images, vm
-
-    for command in [*images.COMMANDS, *cache.COMMANDS, *bench.COMMANDS, *vm.COMMANDS]:
-        cli.add_command(command)
-    from bootcache.cli.serve import serve
-    cli.add_command(serve)
-    from bootcache.cli.ctl import ctl
-    cli.add_command(ctl)
-
-
 def main() -> None:
-    _register()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING
 
 from bootcache.block.graph import NodeGraph, NodeRef, private_ref
 from bootcache.block.layer import BlockLayer
@@ -27,6 +27,9 @@ from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE, MAGIC
 from bootcache.qcow2.image import Qcow2Image
 from bootcache.sources.base import ByteSource
 from bootcache.sources.file import FileSource
+
+if TYPE_CHECKING:
+    from urllib.parse import SplitResult
 
 REMOTE_SCHEMES = frozenset({"nbd", "nbd+unix", "nbd+tcp", "nbds", "nbds+unix", "http",
                             "https", "s3"})
@@ -61,9 +64,17 @@ class ChainPolicy:
                    cache_readahead=max(readahead, 0))
 
 
+def _urlsplit(name: str) -> SplitResult:
+    # urllib.parse takes a few ms to import: plain paths, what the CLI mostly
+    # opens, never need it.
+    from urllib.parse import urlsplit
+
+    return urlsplit(name)
+
+
 def is_uri(name: str) -> bool:
-    scheme = urlsplit(name).scheme
-    return len(scheme) > 1 and "://" in name  # "C:" style or plain paths are not URIs
+    # "C:" style or plain paths are not URIs
+    return "://" in name and len(_urlsplit(name).scheme) > 1
 
 
 async def open_source(name: str, *, writable: bool) -> ByteSource:
@@ -75,7 +86,7 @@ async def open_source(name: str, *, writable: bool) -> ByteSource:
             raise UnsupportedFeatureError(f"{name}: remote sources are not available") from e
         src: ByteSource = await uri.open_source(name, writable=writable)
         return src
-    path = urlsplit(name).path if name.startswith("file://") else name
+    path = _urlsplit(name).path if name.startswith("file://") else name
     return FileSource(path, writable=writable)
 
 
@@ -201,11 +212,11 @@ class _Opener:
 def resolve_backing(image: str, backing: str, policy: ChainPolicy, allowed: list[str]) -> str:
     """The path or URI a backing file name refers to, if the policy allows it."""
     if is_uri(backing) and not backing.startswith("file://"):
-        scheme = urlsplit(backing).scheme
+        scheme = _urlsplit(backing).scheme
         if scheme not in policy.allowed_schemes and not policy.trusted:
             raise BackingPolicyError(f"{image}: backing URI scheme {scheme!r} is not allowed")
         return backing
-    path = urlsplit(backing).path if backing.startswith("file://") else backing
+    path = _urlsplit(backing).path if backing.startswith("file://") else backing
     if not os.path.isabs(path):
         if is_uri(image):
             raise BackingPolicyError(

@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import zlib
 
-import zstandard
-
 from bootcache.errors import ImageCorruptError
 from bootcache.qcow2.format import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
@@ -22,19 +20,30 @@ def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) ->
             # QEMU writes raw deflate streams (no zlib header).
             out = zlib.decompressobj(-15).decompress(data, cluster_size)
         elif compression_type == COMPRESSION_ZSTD:
-            reader = zstandard.ZstdDecompressor(max_window_size=1 << 22).stream_reader(
-                io.BytesIO(data), read_across_frames=True)
-            out = reader.read(cluster_size)
-            while len(out) < cluster_size:
-                more = reader.read(cluster_size - len(out))
-                if not more:
-                    break
-                out += more
+            out = _zstd_decompress(data, cluster_size)
         else:
             raise ImageCorruptError(f"unknown compression type {compression_type}")
-    except (zlib.error, zstandard.ZstdError) as e:
+    except zlib.error as e:
         raise ImageCorruptError(f"compressed cluster does not decompress: {e}") from e
     if len(out) != cluster_size:
         raise ImageCorruptError(
             f"compressed cluster decompresses to {len(out)} bytes, not {cluster_size}")
+    return out
+
+
+def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
+    # Imported here: zstd images are rare and every command would pay for it.
+    import zstandard
+
+    try:
+        reader = zstandard.ZstdDecompressor(max_window_size=1 << 22).stream_reader(
+            io.BytesIO(data), read_across_frames=True)
+        out: bytes = reader.read(cluster_size)
+        while len(out) < cluster_size:
+            more = reader.read(cluster_size - len(out))
+            if not more:
+                break
+            out += more
+    except zstandard.ZstdError as e:
+        raise ImageCorruptError(f"compressed cluster does not decompress: {e}") from e
     return out

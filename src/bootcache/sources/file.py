@@ -8,8 +8,6 @@ thread hop. Only fdatasync, which can block for long, goes to a thread.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -26,6 +24,10 @@ _libc: Any = None
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    # ctypes costs a few ms to import: only files that get holes punched pay it.
+    import ctypes
+    import ctypes.util
+
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

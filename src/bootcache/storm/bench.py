@@ -274,11 +274,14 @@ def check_goals(rows: list[Row], trace: Trace) -> list[str]:
 
 
 def plot(rows: list[Row], path: str) -> bool:
+    # matplotlib is the optional "bench" extra: a node install goes without it.
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print(f"no plot ({os.path.basename(path)}): matplotlib is not installed; "
+              "install it with: pip install 'bootcache[bench]'", file=sys.stderr)
         return False
     gaps = sorted({r.gap_scale for r in rows})
     fig, axes = plt.subplots(1, len(gaps), figsize=(6 * len(gaps), 4.5), squeeze=False)
