@@ -121,7 +121,8 @@ def test_detach_removes_device_and_nodes(daemon: Daemon, make_vm: Any, workdir: 
 
 def test_help_does_not_load_the_qmp_library() -> None:
     # `bootcache --help` lists `vm`; only running a vm command imports qemu.qmp.
-    code = ("import sys; from bootcache.cli.main import _register; _register(); "
+    code = ("import sys; from bootcache.cli.main import cli; "
+            "cli.main(['--help'], standalone_mode=False); "
             "assert 'qemu.qmp' not in sys.modules, 'qemu.qmp imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert "attach" in bootcache("vm", "--help").stdout
