@@ -30,7 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("bootcache.cli.serve:serve",
               "Serve IMAGEs (and the catalog of --config) over NBD until SIGTERM."),
     "trace": ("bootcache.cli.bench:trace", "Record and replay boot traces."),
-    "vm": ("bootcache.cli.vm:vm", "Hot-plug disks backed by a cache export into running VMs (QMP)."),
+    "vm": ("bootcache.cli.vm:vm",
+           "Hot-plug disks backed by a cache export into running VMs (QMP)."),
 }
 
 

@@ -36,6 +36,7 @@ from bootcache.daemon.exports import (
     ExportRegistry,
     default_name,
 )
+from bootcache.daemon.notify import notify, notify_reloading
 from bootcache.errors import BootcacheError
 from bootcache.layers.chain import ChainPolicy, node_key
 from bootcache.nbd.server import NBDServer
@@ -161,10 +162,12 @@ class NodeDaemon:
             await self.start()
             if ready is not None:
                 ready(" ".join(self.where))
+            notify("READY=1")  # systemd (Type=notify): clients may connect now
             await self.stopping.wait()
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+            notify("STOPPING=1")
             await self.close()
 
     async def close(self) -> None:
@@ -187,11 +190,14 @@ class NodeDaemon:
         asyncio.get_running_loop().create_task(self._reload_logged())
 
     async def _reload_logged(self) -> None:
+        notify_reloading()
         try:
             result = await self.reload()
             log.warning("reloaded %s: %s", self.config_path, result)
         except BootcacheError as e:
             log.error("reload refused, the catalog is unchanged: %s", e)
+        finally:
+            notify("READY=1")
 
     async def reload(self) -> dict[str, Any]:
         """Reread the configuration file and apply the catalog's difference.
