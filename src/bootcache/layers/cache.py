@@ -441,10 +441,16 @@ class CacheLayer(BlockLayer):
             # A qcow2 base cannot adopt a new version in place: open it again.
             old = self.img.attach_backing(await self.reopen_base())
             if old is not None:
-                await old.release()
+                # Fetches started before may still be reading the old base.
+                earlier = [t for t in self._tasks if t is not asyncio.current_task()]
+                self._background(self._release_after(old, earlier), "release of the old base")
         self._base_fp = self.base.fingerprint()
         self.ext.identity = await self.base_identity()
         await self._persist_extension()
+
+    async def _release_after(self, ref: NodeRef, tasks: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await ref.release()
 
     # -- storing and the quota ---------------------------------------------------------
 
