@@ -43,6 +43,9 @@ from bootcache.nbd.server import NBDServer
 
 log = logging.getLogger("bootcache.daemon")
 
+#: Images opened at the same time while a catalog is loaded.
+_OPEN_AT_ONCE = 16
+
 
 def raise_file_limit() -> int:
     """Raise the soft limit on open files to the hard one (an image is a file,
@@ -104,12 +107,25 @@ class NodeDaemon:
         opened) if any of it fails."""
         raise_file_limit()
         try:
-            for spec in self.cfg.exports:
-                await self._add_spec(spec)
+            await self._add_catalog(self.cfg.exports)
             await self._listen()
         except BaseException:
             await self.close()
             raise
+
+    async def _add_catalog(self, specs: list[ExportSpec]) -> None:
+        """Open the catalog a few images at a time: opening waits mostly on
+        fdatasync and reads, which overlap."""
+        gate = asyncio.Semaphore(_OPEN_AT_ONCE)
+
+        async def add(spec: ExportSpec) -> None:
+            async with gate:
+                await self._add_spec(spec)
+
+        results = await asyncio.gather(*(add(s) for s in specs), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def _add_spec(self, spec: ExportSpec) -> ExportEntry:
         try:
@@ -265,11 +281,13 @@ class NodeDaemon:
         """Leave ``CACHE.ctl`` beside each cache image: a link to the control
         socket, by which ``bootcache cache stats CACHE`` finds this daemon."""
         control = self.cfg.control_path()
-        for node in self.graph:
-            if not node.layer.self_writing or "://" in node.key:
+        if control is None:
+            return
+        for layer in chain_of(entry.ref.layer):
+            if not layer.self_writing or "://" in layer.name:
                 continue
-            link = node.key + ".ctl"
-            if link in self._links or control is None:
+            link = node_key(layer.name) + ".ctl"
+            if link in self._links:
                 continue
             try:
                 with contextlib.suppress(FileNotFoundError):

@@ -112,6 +112,9 @@ class CacheLayer(BlockLayer):
             layer.cached[ci] = None
         consistent = bool(img.header.autoclear_features & AUTOCLEAR_CACHE)
         await layer._check_base(consistent)
+        # The checks above read metadata the first reads may never need: a
+        # node holds many caches, most of them idle.
+        img.drop_clean_metadata()
         return layer
 
     async def _reclaim_leaks(self) -> None:
@@ -132,6 +135,7 @@ class CacheLayer(BlockLayer):
 
     async def _check_base(self, consistent: bool) -> None:
         """Refuse or reset on a changed base; revalidate after a foreign writer."""
+        before = self.ext.encode() if consistent else None
         current = await self.base_identity()
         recorded = self.ext.identity
         if recorded and recorded != current:
@@ -151,7 +155,8 @@ class CacheLayer(BlockLayer):
         self._base_fp = self.base.fingerprint()
         self.ext.used_bytes = len(self.cached) * self.cs
         self.img.header.autoclear_features |= AUTOCLEAR_CACHE
-        await self._persist_extension()
+        if self.ext.encode() != before:  # an unchanged image is not written at open
+            await self._persist_extension()
 
     async def base_identity(self) -> dict[str, Any]:
         """Identity of the base: its source's facts plus a hash of sampled blocks."""

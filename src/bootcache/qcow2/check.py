@@ -117,13 +117,12 @@ async def check_image(img: Qcow2Image, repair: str | None = None) -> CheckResult
     cnt.add(h.l1_table_offset, h.l1_size * 8, "L1 table")
     rt = img.refcounts
     cnt.add(rt.table_offset, len(rt.table) * 8, "refcount table")
-    for b, off in enumerate(rt.table):
-        if off:
-            if off % cs:
-                res.corruptions += 1
-                res.note(f"ERROR refcount block {b} is not cluster aligned")
-            else:
-                cnt.add(off, cs, f"refcount block {b}")
+    for b, off in rt.table.items():
+        if off % cs:
+            res.corruptions += 1
+            res.note(f"ERROR refcount block {b} is not cluster aligned")
+        else:
+            cnt.add(off, cs, f"refcount block {b}")
     copied_checks: list[tuple[int, int, bool]] = []
     await _walk_l1(img, cnt, img.l1, active=True, copied=copied_checks)
     await _walk_snapshots(img, cnt)

@@ -172,6 +172,11 @@ class Qcow2Image(SourceBacked, BlockLayer):
         ref = self.backing_ref
         return ref.layer if ref is not None else None
 
+    def drop_clean_metadata(self) -> None:
+        """Forget cached L2 tables and refcount blocks that match the disk."""
+        self.l2_cache.drop_clean()
+        self.refcounts.cache.drop_clean()
+
     def lower(self) -> list[BlockLayer]:
         backing = self.backing
         return [backing] if backing is not None else []

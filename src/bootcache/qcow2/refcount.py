@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from bootcache.errors import ImageCorruptError, ImageFormatError
 from bootcache.qcow2.format import MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE, REFT_RESERVED_MASK
-from bootcache.qcow2.tables import RefBlock, TableCache, decode_u64, encode_u64
+from bootcache.qcow2.tables import RefBlock, SparseTable, TableCache, encode_u64
 from bootcache.sources.base import ByteSource
 
 
@@ -24,7 +24,7 @@ class Refcounts:
     """The refcount table, a cache of refcount blocks, and the allocator."""
 
     def __init__(self, source: ByteSource, *, cluster_bits: int, refcount_bits: int,
-                 table_offset: int, table: array[int], file_size: int,
+                 table_offset: int, table: SparseTable, file_size: int,
                  cache_bytes: int = 4 << 20, name: str = "image") -> None:
         self.source = source
         self.name = name
@@ -34,7 +34,7 @@ class Refcounts:
         self.per_block = self.cs * 8 // refcount_bits
         self.table_offset = table_offset
         self.table = table
-        self.block_set = {int(o) for o in table if o}
+        self.block_set = set(table.nonzero())
         self.file_size = file_size
         self.cache: TableCache[RefBlock] = TableCache(
             cache_bytes // self.cs, self._load_block, self._never_dirty)
@@ -49,7 +49,8 @@ class Refcounts:
                    name: str = "image") -> Refcounts:
         raw = await source.pread(table_offset, table_clusters << cluster_bits)
         return cls(source, cluster_bits=cluster_bits, refcount_bits=refcount_bits,
-                   table_offset=table_offset, table=decode_u64(raw), file_size=file_size,
+                   table_offset=table_offset, table=SparseTable.decode(raw),
+                   file_size=file_size,
                    name=name)
 
     # -- blocks ---------------------------------------------------------------
@@ -77,7 +78,7 @@ class Refcounts:
         return await self.cache.get(off) if off else None
 
     def block_offsets(self) -> list[int]:
-        return [int(o) for o in self.table if o]
+        return self.table.nonzero()
 
     # -- queries --------------------------------------------------------------
 
@@ -225,6 +226,6 @@ class Refcounts:
         await self.source.pwrite(OFF_REFCOUNT_TABLE, hdr)
         await self.source.flush()
         old_off, old_clusters = self.table_offset, -(-old_n * 8 // self.cs)
-        self.table, self.table_offset = new_table, table_off
+        self.table, self.table_offset = SparseTable(new_table), table_off
         self.file_size = max(self.file_size, (start + used) << self.cluster_bits)
         await self.update(old_off >> self.cluster_bits, old_clusters, -1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 _LITTLE = sys.byteorder == "little"
@@ -33,6 +33,60 @@ def encode_u64(a: array[int]) -> bytes:
     b = array("Q", a)
     b.byteswap()
     return b.tobytes()
+
+
+class SparseTable:
+    """A u64 table that is mostly zeros (the refcount table), keeping only its
+    nonzero entries: a daemon holding a thousand small images would otherwise
+    hold a whole cluster of zeros for each."""
+
+    __slots__ = ("_entries", "_len")
+
+    def __init__(self, values: Iterable[int]) -> None:
+        self._entries: dict[int, int] = {}
+        n = 0
+        for i, v in enumerate(values):
+            if v:
+                self._entries[i] = int(v)
+            n = i + 1
+        self._len = n
+
+    @classmethod
+    def decode(cls, raw: bytes) -> SparseTable:
+        """From a big-endian u64 table."""
+        # Entries past the last nonzero byte are zero: decode only up to it.
+        used = -(-len(raw.rstrip(b"\0")) // 8)
+        table = cls(decode_u64(raw[:used * 8]))
+        table._len = len(raw) // 8
+        return table
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        return self._entries.get(i, 0)
+
+    def __setitem__(self, i: int, value: int) -> None:
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        if value:
+            self._entries[i] = value
+        else:
+            self._entries.pop(i, None)
+
+    def __iter__(self) -> Iterator[int]:
+        get = self._entries.get
+        return (get(i, 0) for i in range(self._len))
+
+    def items(self) -> list[tuple[int, int]]:
+        """(index, value) of the nonzero entries, in index order."""
+        return sorted(self._entries.items())
+
+    def nonzero(self) -> list[int]:
+        """The nonzero entries, in index order."""
+        return [self._entries[i] for i in sorted(self._entries)]
 
 
 _TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
@@ -196,3 +250,8 @@ class TableCache(Generic[T]):
     def clear(self) -> None:
         self._tables.clear()
         self.dirty.clear()
+
+    def drop_clean(self) -> None:
+        """Forget every table that matches the disk (they load again on use)."""
+        for offset in [o for o in self._tables if o not in self.dirty]:
+            del self._tables[offset]
