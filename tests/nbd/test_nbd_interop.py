@@ -467,3 +467,49 @@ def test_requests_sharing_one_future(inproc: Callable[..., InProcess]) -> None:
         assert sorted(r.handle for r in replies) == list(range(16))
         assert all(r.error == 0 and r.data == b"s" * 4096 for r in replies), \
             [r.message for r in replies if r.error]
+
+
+class _CountingLayer(MemLayer):
+    """Holds each read for a moment and records the most bytes read at once."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size, read_only=True)
+        self.now = 0
+        self.most = 0
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        self.now += length
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(0.002)
+            return await super().pread(offset, length)
+        finally:
+            self.now -= length
+
+
+def test_server_wide_inflight_budget(inproc: Callable[..., InProcess]) -> None:
+    """Many clients pipelining big reads: the server holds at most its global
+    budget (plus one request) in flight, and every reply is still right."""
+    from nbd_testlib import request
+
+    layer = _CountingLayer(8 << 20)
+    layer.data[:] = os.urandom(len(layer.data))
+    srv = inproc({"d": layer})
+    assert srv.server is not None
+    budget, n = 512 << 10, 128 << 10
+    srv.call(lambda: setattr(srv.server, "max_inflight_bytes", budget))
+    clients = [Client(srv.path).connect("d") for _ in range(4)]
+    try:
+        for c in clients:
+            for k in range(16):
+                c.send(request(w.CMD_READ, 1000 + k, k * n, n))
+        for c in clients:
+            for _ in range(16):
+                r = c.reply(n)
+                k = r.handle - 1000
+                assert r.error == 0 and r.data == bytes(layer.data[k * n:(k + 1) * n])
+    finally:
+        for c in clients:
+            c.close()
+    assert n <= layer.most <= budget + n, layer.most
+    assert srv.call(lambda: srv.server.inflight_bytes) == 0  # type: ignore[union-attr]

@@ -60,6 +60,9 @@ log = logging.getLogger("bootcache.nbd")
 
 MAX_INFLIGHT = 64  # requests per connection running at once
 MAX_INFLIGHT_BYTES = 64 << 20  # read+write bytes per connection in flight
+# Bytes in flight over all connections: 64 VMs each at their own limit would
+# otherwise hold 4 GiB of buffers.
+MAX_SERVER_INFLIGHT_BYTES = 512 << 20
 WRITE_HIGH_WATER = 4 << 20  # transport buffer: stop reading requests above
 WRITE_LOW_WATER = 1 << 20
 BATCH_FLUSH = 1 << 20  # write a batch out early once it holds this much
@@ -303,7 +306,8 @@ class NBDProtocol(asyncio.Protocol):
     def _recheck(self) -> None:
         """Recompute whether parsing must stop (kept in one flag for the loop)."""
         self._blocked = (self._hold or self._write_paused or len(self._tasks) >= MAX_INFLIGHT
-                         or self._inflight_bytes >= MAX_INFLIGHT_BYTES)
+                         or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+                         or self.server.inflight_bytes >= self.server.max_inflight_bytes)
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -323,6 +327,7 @@ class NBDProtocol(asyncio.Protocol):
             return  # re-entered from a write callback; the outer loop continues
         conn = self.conn
         handlers = self._handlers
+        self._recheck()  # the server-wide budget may have filled since
         self._batch = batch = list[bytes]()
         self._batch_bytes = 0
         try:
@@ -458,6 +463,15 @@ class NBDProtocol(asyncio.Protocol):
         log.info("%s: protocol error, closing: %s", self.peer, e)
         self._abort()
 
+    def budget_freed(self) -> None:
+        """The server's in-flight budget has room again."""
+        if self._ending or self._batch is not None:
+            return  # ending, or inside _process (which rechecks as it goes)
+        self._recheck()
+        self._update_reading()
+        if not self._blocked:
+            self._process()
+
     def close_now(self) -> None:
         """Drop the client at once: requests in flight are cancelled."""
         for task in list(self._tasks):
@@ -521,6 +535,7 @@ class NBDProtocol(asyncio.Protocol):
         self._tasks[task] = (req, done, time.monotonic())
         if req.command <= w.CMD_WRITE:
             self._inflight_bytes += req.length
+            self.server.inflight_bytes += req.length
         task.add_done_callback(self._task_done)
         self._recheck()
 
@@ -528,6 +543,7 @@ class NBDProtocol(asyncio.Protocol):
         req, done, started = self._tasks.pop(task)
         if req.command <= w.CMD_WRITE:
             self._inflight_bytes -= req.length
+            self.server.release_budget(req.length)
         self._recheck()
         if task.cancelled():
             self._send(self.conn.reply_error(req.handle, w.ESHUTDOWN, "cancelled"))
@@ -666,9 +682,20 @@ class NBDServer:
         self.max_payload = max_payload
         self.handshake_timeout = handshake_timeout
         self.connections: set[NBDProtocol] = set()
+        #: Read and write bytes in flight over every connection, and the cap.
+        self.inflight_bytes = 0
+        self.max_inflight_bytes = MAX_SERVER_INFLIGHT_BYTES
         self.closing = False
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
+
+    def release_budget(self, nbytes: int) -> None:
+        """Requests finished: connections held back by the global budget go on."""
+        was_over = self.inflight_bytes >= self.max_inflight_bytes
+        self.inflight_bytes -= nbytes
+        if was_over and self.inflight_bytes < self.max_inflight_bytes:
+            for proto in list(self.connections):
+                proto.budget_freed()
 
     def _factory(self) -> NBDProtocol:
         return NBDProtocol(self)
