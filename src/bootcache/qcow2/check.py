@@ -132,8 +132,8 @@ async def check_image(img: Qcow2Image, repair: str | None = None) -> CheckResult
     used = [i for i in range(cnt.nclusters) if cnt.refs[i]]
     last = max(used[-1] if used else 0, cnt.last_stored)
     res.image_end_offset = (last + 1) * cs
-    if repair:
-        await img.source.flush()
+    if repair and (res.leaks_fixed or res.corruptions_fixed):
+        await img.source.flush()  # the repairs are durable before anyone relies on them
     return res
 
 
