@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from bootcache.errors import SourceError
+from bootcache.layers.uri import open_source
 from bootcache.nbd.client import NbdRequestError, NbdSource, parse_nbd_uri
 from bootcache.sources.resilience import RemoteOptions
-from bootcache.sources.uri import open_source
 
 from .conftest import NbdkitServer, NbdServer, QemuNbdServer
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from bootcache.errors import SourceError
+from bootcache.layers.uri import check_options, file_path, open_source, source_kind
 from bootcache.sources.file import FileSource
 from bootcache.sources.http import HttpSource
 from bootcache.sources.s3 import S3Source
-from bootcache.sources.uri import check_options, file_path, open_source, source_kind
 
 from .conftest import NginxServer, WeedServer, put_s3
 

@@ -21,14 +21,12 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from bootcache.daemon.exports import ExportError
-
-if TYPE_CHECKING:
-    from bootcache.daemon.service import NodeDaemon
+from bootcache.daemon.view import NodeView
 
 log = logging.getLogger("bootcache.control")
 
@@ -59,7 +57,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ControlServer:
     """Serves the control API of one daemon on a UNIX socket."""
 
-    def __init__(self, daemon: NodeDaemon) -> None:
+    def __init__(self, daemon: NodeView) -> None:
         self.daemon = daemon
         self.path = ""
         self._runner: web.AppRunner | None = None

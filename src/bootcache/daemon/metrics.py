@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,10 +23,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from bootcache.daemon.view import NodeView
 from bootcache.nbd.server import LATENCY_BUCKETS
-
-if TYPE_CHECKING:
-    from bootcache.daemon.service import NodeDaemon
 
 # Cache counters as (stats key, metric name, help); all are totals but the last three.
 _CACHE_COUNTERS = [
@@ -55,7 +53,7 @@ _SOURCE_COUNTERS = [
 class NodeCollector(Collector):
     """Reads the daemon's counters at scrape time."""
 
-    def __init__(self, daemon: NodeDaemon) -> None:
+    def __init__(self, daemon: NodeView) -> None:
         self.daemon = daemon
 
     def collect(self) -> Iterator[Metric]:
@@ -121,7 +119,7 @@ class NodeCollector(Collector):
 class MetricsServer:
     """Serves /metrics over HTTP on TCP."""
 
-    def __init__(self, daemon: NodeDaemon) -> None:
+    def __init__(self, daemon: NodeView) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(daemon))
         self._runner: web.AppRunner | None = None

@@ -80,10 +80,8 @@ def is_uri(name: str) -> bool:
 async def open_source(name: str, *, writable: bool) -> ByteSource:
     """A byte source for a path or URI."""
     if is_uri(name) and not name.startswith("file://"):
-        try:
-            from bootcache.sources import uri  # type: ignore[attr-defined, unused-ignore]
-        except ImportError as e:
-            raise UnsupportedFeatureError(f"{name}: remote sources are not available") from e
+        from bootcache.layers import uri  # remote kinds load their client libraries
+
         src: ByteSource = await uri.open_source(name, writable=writable)
         return src
     path = _urlsplit(name).path if name.startswith("file://") else name

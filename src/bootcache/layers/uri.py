@@ -1,5 +1,8 @@
 """Open a byte source from a path or URI, as a qcow2 backing-file name reads.
 
+It sits with the layers, above both the byte sources and the NBD client,
+because it chooses among all of them.
+
     /path/to/file, relative/path, file:///path   -> FileSource
     http://host/path, https://host/path         -> HttpSource
     s3://bucket/key                             -> S3Source
@@ -13,7 +16,6 @@ known to the chosen kind; a typo fails instead of being ignored.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -101,9 +103,7 @@ async def open_source(uri: str, *, writable: bool = False, **options: Any) -> By
     if kind == "s3":
         from bootcache.sources.s3 import S3Source
         return await S3Source.open(uri, remote, **rest)
-    try:
-        client = importlib.import_module("bootcache.nbd.client")
-    except ImportError as e:
-        raise SourceError(f"{uri}: NBD client not available: {e}") from e
-    source: ByteSource = await client.NbdSource.open(uri, remote, **rest)
+    from bootcache.nbd.client import NbdSource
+
+    source: ByteSource = await NbdSource.open(uri, remote, **rest)
     return source
