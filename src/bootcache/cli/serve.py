@@ -76,13 +76,15 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 @click.option("--tls-required", is_flag=True, help="Refuse clients that do not use TLS.")
 @click.option("--readahead", metavar="SIZE", default=None,
               help="Cache exports: also fetch this much beyond each miss (e.g. 256K).")
+@click.option("--remote-option", "remote_options", multiple=True, metavar="KEY=VALUE",
+              help="Remote bases: deadline, timeout, retries, ... (repeatable).")
 @click.option("-v", "--verbose", count=True, help="Log more (-vv for debug).")
 @click.argument("images", nargs=-1, metavar="[IMAGE[=NAME]]...")
 def serve(config_path: str | None, socket_path: str | None, socket_mode: str | None,
           socket_group: str | None, listen: tuple[str, ...], control_path: str | None,
           metrics: str | None, read_only: bool, tls_cert: str | None, tls_key: str | None,
-          tls_ca: str | None, tls_required: bool, readahead: str | None, verbose: int,
-          images: tuple[str, ...]) -> None:
+          tls_ca: str | None, tls_required: bool, readahead: str | None,
+          remote_options: tuple[str, ...], verbose: int, images: tuple[str, ...]) -> None:
     """Serve IMAGEs (and the catalog of --config) over NBD until SIGTERM."""
     cfg = configmod.load(config_path) if config_path else NodeConfig()
     # Command-line options override the file's.
@@ -106,6 +108,11 @@ def serve(config_path: str | None, socket_path: str | None, socket_mode: str | N
     cfg.read_only = read_only
     if readahead is not None:
         cfg.readahead = _option(configmod.parse_size, readahead, "--readahead")
+    for opt in remote_options:
+        key, sep, value = opt.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{opt!r}: expected KEY=VALUE", param_hint="--remote-option")
+        cfg.remote[key] = value
     for arg in images:
         path, name = parse_image_arg(arg)
         cfg.exports.append(ExportSpec(path, name))

@@ -19,6 +19,11 @@
     dirs = ["/var/lib/bootcache"]              # images and backing files live here
     trust = false
 
+    [remote]                                   # remote bases (HTTP, S3, NBD)
+    deadline = 30                              # seconds a read waits out an outage
+    timeout = 15                               # one attempt
+    retries = 64                               # within the deadline
+
     [[export]]                                 # the catalog, one table per export
     image = "/var/lib/bootcache/debian12-cache.qcow2"
     name = "debian12"                          # default: file name less .qcow2
@@ -68,6 +73,8 @@ class NodeConfig:
     backing_dirs: list[str] | None = None
     trust_backing: bool = False
     read_only: bool = False  # every export read-only (serve --read-only)
+    #: Options of remote bases (RemoteOptions' fields), as given.
+    remote: dict[str, str] = field(default_factory=dict)
     exports: list[ExportSpec] = field(default_factory=list)
 
     def control_path(self) -> str | None:
@@ -87,6 +94,12 @@ class NodeConfig:
             raise ConfigError("a TLS CA (client certificates) needs a server certificate")
         if not self.control_path():
             raise ConfigError("no control socket: give one, or a UNIX socket to derive it")
+        from bootcache.sources.resilience import RemoteOptions
+
+        try:
+            RemoteOptions.from_mapping(self.remote)
+        except ValueError as e:
+            raise ConfigError(f"remote base options: {e}") from None
 
     def settings(self) -> dict[str, Any]:
         """What a reload cannot change without a restart."""
@@ -113,6 +126,8 @@ _SECTIONS: dict[str, set[str]] = {
                "readahead"},
     "tls": {"cert", "key", "ca", "required"},
     "backing": {"dirs", "trust"},
+    "remote": {"timeout", "connect_timeout", "deadline", "retries", "backoff", "backoff_max",
+               "concurrency", "max_request"},
 }
 _EXPORT_KEYS = {"image", "name", "read_only"}
 
@@ -170,7 +185,8 @@ def parse(doc: dict[str, Any], r: _Reader) -> NodeConfig:
     cfg = NodeConfig()
     for top in doc:
         if top not in _SECTIONS and top != "export":
-            raise r.fail(f"unknown section [{top}] (known: server, tls, backing, export)",
+            raise r.fail(f"unknown section [{top}] (known: server, tls, backing, remote, "
+                         "export)",
                          section=top)
     for section, keys in _SECTIONS.items():
         table = doc.get(section, {})
@@ -250,6 +266,10 @@ def _set(cfg: NodeConfig, section: str, key: str, value: Any) -> None:
             cfg.tls_required = _bool(value)
         else:
             setattr(cfg, f"tls_{key}", _string(value))
+    elif section == "remote":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise TypeError("expected a number")
+        cfg.remote[key] = str(value)
     elif section == "backing":
         if key == "dirs":
             if not isinstance(value, list):

@@ -80,6 +80,7 @@ def policy_of(cfg: NodeConfig) -> ChainPolicy:
     policy.trusted = policy.trusted or cfg.trust_backing
     if cfg.readahead:
         policy.cache_readahead = cfg.readahead
+    policy.remote_options = dict(cfg.remote)
     return policy
 
 

@@ -51,6 +51,8 @@ class ChainPolicy:
     activate_caches: bool = True
     #: Bytes a cache fetches beyond each miss (rounded up to clusters).
     cache_readahead: int = 0
+    #: Options of remote sources (timeout, deadline, retries, ...: RemoteOptions).
+    remote_options: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> ChainPolicy:
@@ -77,12 +79,14 @@ def is_uri(name: str) -> bool:
     return "://" in name and len(_urlsplit(name).scheme) > 1
 
 
-async def open_source(name: str, *, writable: bool) -> ByteSource:
+async def open_source(name: str, *, writable: bool,
+                      remote_options: dict[str, str] | None = None) -> ByteSource:
     """A byte source for a path or URI."""
     if is_uri(name) and not name.startswith("file://"):
         from bootcache.layers import uri  # remote kinds load their client libraries
 
-        src: ByteSource = await uri.open_source(name, writable=writable)
+        src: ByteSource = await uri.open_source(name, writable=writable,
+                                                **(remote_options or {}))
         return src
     path = _urlsplit(name).path if name.startswith("file://") else name
     return FileSource(path, writable=writable)
@@ -153,7 +157,8 @@ class _Opener:
                     follow: bool, keep_autoclear: int) -> BlockLayer:
         """Open ``name`` itself, and take references to its backing chain."""
         policy = self.policy
-        source = await open_source(name, writable=writable)
+        source = await open_source(name, writable=writable,
+                                   remote_options=policy.remote_options)
         try:
             fmt = fmt or await probe_format(source)
             if fmt == "raw":

@@ -51,8 +51,9 @@ class RemoteOptions:
     #: Limit for a whole call including retries and backoff: the longest a
     #: caller waits before it gets a SourceError from a base that is down.
     deadline: float = 30.0
-    #: Retries after the first attempt (bounded by ``deadline`` too).
-    retries: int = 8
+    #: Retries after the first attempt, within ``deadline``. Enough that the
+    #: deadline, not the count, decides how long an outage is waited out.
+    retries: int = 64
     #: First backoff delay; doubles per retry up to ``backoff_max``.
     backoff: float = 0.05
     backoff_max: float = 2.0
