@@ -1,0 +1,227 @@
+"""Long fault campaigns against a real node, outside CI.
+
+    .venv/bin/python tools/chaos.py outage --seconds 60 --rounds 3
+    .venv/bin/python tools/chaos.py kill --rounds 100 --readers 64
+
+A storage node (nbdkit serving a pattern base over a UNIX socket) and a
+compute node (``bootcache serve`` with a cache over that base); readers are
+qemu-io processes that check every byte they read (the base's cluster k
+holds the byte k % 251 + 1), so a wrong byte cannot pass unseen.
+
+- ``outage``: each round warms nothing, starts the readers on a cold cache,
+  stops the base for ``--seconds``, restarts it. Reads either complete with
+  the right bytes or fail with EIO (after the source's deadline); afterwards
+  every cluster must read back right through the same daemon, and the cache
+  must pass ``qemu-img check``.
+- ``kill``: each round starts the readers on an LRU cache smaller than the
+  disk, SIGKILLs the daemon at a random moment, checks the cache with
+  ``qemu-img check`` (leaks allowed: the next owner reclaims them), restarts
+  the daemon and reads everything back.
+
+It prints one line per round and a summary: rounds, wrong bytes (must be 0),
+corrupt images (must be 0), reads failed with EIO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLUSTER = 64 << 10
+PY = sys.executable
+
+
+def wait_for(cond: object, what: str, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > end:
+            raise SystemExit(f"{what}: not after {timeout}s")
+        time.sleep(0.02)
+
+
+class Node:
+    """The storage node, the daemon and the readers of one campaign."""
+
+    def __init__(self, work: Path, size: int, quota: str, policy: str, deadline: float) -> None:
+        self.work = work
+        self.size = size
+        self.clusters = size // CLUSTER
+        self.base_sock = str(work / "base.sock")
+        self.sock = str(work / "node.sock")
+        self.deadline = deadline
+        with open(work / "base.raw", "wb") as f:
+            for k in range(self.clusters):
+                f.write(bytes([k % 251 + 1]) * CLUSTER)
+        self.cache = work / "cache.qcow2"
+        subprocess.run([PY, "-m", "bootcache", "create", "-q", "-f", "qcow2", "--cache-quota",
+                        quota, "--cache-policy", policy, "-b",
+                        f"nbd+unix:///?socket={self.base_sock}", "-F", "raw", str(self.cache),
+                        str(size)], check=True)
+        self.base: subprocess.Popen[bytes] | None = None
+        self.daemon: subprocess.Popen[bytes] | None = None
+
+    def start_base(self) -> None:
+        if os.path.exists(self.base_sock):
+            os.unlink(self.base_sock)  # left by a killed server
+        self.base = subprocess.Popen(["nbdkit", "-f", "-r", "-U", self.base_sock, "file",
+                                      str(self.work / "base.raw")])
+        wait_for(lambda: os.path.exists(self.base_sock), "nbdkit")
+
+    def stop_base(self) -> None:
+        # The storage node dies (nbdkit's own SIGTERM would wait for its
+        # clients to leave: not an outage).
+        if self.base is not None:
+            self.base.kill()
+            self.base.wait()
+            self.base = None
+
+    def start_daemon(self) -> None:
+        self.daemon = subprocess.Popen(
+            [PY, "-m", "bootcache", "serve", "--socket", self.sock, "--remote-option",
+             f"deadline={self.deadline}", f"{self.cache}=deb"], stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.exists(self.sock + ".ctl"), "bootcache serve")
+
+    def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
+        if self.daemon is not None:
+            self.daemon.send_signal(sig)
+            self.daemon.wait()
+            self.daemon = None
+            for p in (self.sock, self.sock + ".ctl"):
+                if sig == signal.SIGKILL and os.path.exists(p):
+                    os.unlink(p)
+
+    def reader(self, clusters: list[int], out: Path) -> subprocess.Popen[bytes]:
+        args = []
+        for k in clusters:
+            args += ["-c", f"read -P {k % 251 + 1} {k * CLUSTER} {CLUSTER}"]
+        return subprocess.Popen(["qemu-io", "-r", "-f", "raw",
+                                 f"nbd+unix:///deb?socket={self.sock}", *args],
+                                stdout=out.open("wb"), stderr=subprocess.STDOUT)
+
+    def storm(self, readers: int, rng: random.Random) -> list[tuple[subprocess.Popen[bytes], Path]]:
+        out = []
+        for i in range(readers):
+            order = list(range(self.clusters))
+            rng.shuffle(order)
+            path = self.work / f"reader{i}.out"
+            out.append((self.reader(order[:max(self.clusters // 4, 1)], path), path))
+        return out
+
+    def check(self, allow_leaks: bool) -> bool:
+        spec = {"driver": "qcow2", "backing": None,
+                "file": {"driver": "file", "filename": str(self.cache)}}
+        rc = subprocess.run(["qemu-img", "check", "-U", "json:" + json.dumps(spec)],
+                            capture_output=True).returncode
+        return rc == 0 or (allow_leaks and rc == 3)
+
+
+def tally(results: list[tuple[subprocess.Popen[bytes], Path]]) -> tuple[int, int]:
+    """(wrong bytes seen, reads that failed with EIO) of finished readers."""
+    wrong = eio = 0
+    for proc, path in results:
+        proc.wait()
+        text = path.read_text(errors="replace")
+        wrong += text.count("Pattern verification failed")
+        eio += text.count("Input/output error")
+    return wrong, eio
+
+
+def read_all(node: Node) -> tuple[int, int]:
+    path = node.work / "all.out"
+    return tally([(node.reader(list(range(node.clusters)), path), path)])
+
+
+def outage(node: Node, args: argparse.Namespace, rng: random.Random) -> dict[str, int]:
+    totals = {"wrong": 0, "corrupt": 0, "eio": 0}
+    node.start_base()
+    node.start_daemon()
+    for r in range(args.rounds):
+        storm = node.storm(args.readers, rng)
+        node.stop_base()
+        time.sleep(args.seconds)  # the outage itself is the experiment's parameter
+        node.start_base()
+        wrong, eio = tally(storm)
+        wrong2, eio2 = read_all(node)
+        totals["wrong"] += wrong + wrong2
+        totals["eio"] += eio
+        if eio2:
+            raise SystemExit(f"round {r}: reads failed after the base came back")
+        node.stop_daemon()
+        ok = node.check(allow_leaks=False)
+        totals["corrupt"] += not ok
+        print(f"round {r}: outage {args.seconds}s, EIO {eio}, wrong {wrong + wrong2}, "
+              f"check {'clean' if ok else 'CORRUPT'}", flush=True)
+        # A cold start for the next round: drop what was cached.
+        subprocess.run([PY, "-m", "bootcache", "create", "-q", "-f", "qcow2", "--cache-quota",
+                        args.quota, "-b", f"nbd+unix:///?socket={node.base_sock}", "-F", "raw",
+                        str(node.cache), str(node.size)], check=True)
+        node.start_daemon()
+    node.stop_daemon()
+    node.stop_base()
+    return totals
+
+
+def kill(node: Node, args: argparse.Namespace, rng: random.Random) -> dict[str, int]:
+    totals = {"wrong": 0, "corrupt": 0, "eio": 0}
+    node.start_base()
+    for r in range(args.rounds):
+        node.start_daemon()
+        storm = node.storm(args.readers, rng)
+        time.sleep(rng.uniform(0.05, args.seconds))  # a random moment of the fill
+        node.stop_daemon(signal.SIGKILL)
+        wrong, _ = tally(storm)  # their reads fail when the daemon dies; never wrong
+        ok = node.check(allow_leaks=True)
+        node.start_daemon()  # reclaims leaks at open
+        wrong2, eio2 = read_all(node)
+        node.stop_daemon()
+        clean = node.check(allow_leaks=False)
+        totals["wrong"] += wrong + wrong2
+        totals["corrupt"] += (not ok) + (not clean)
+        totals["eio"] += eio2
+        print(f"round {r}: killed, wrong {wrong + wrong2}, after kill "
+              f"{'ok' if ok else 'CORRUPT'}, after restart {'clean' if clean else 'NOT CLEAN'}",
+              flush=True)
+    node.stop_base()
+    return totals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("scenario", choices=["outage", "kill"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--readers", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=5.0,
+                    help="outage: how long the base is down; kill: latest kill moment")
+    ap.add_argument("--size", default="64")
+    ap.add_argument("--quota", default="32M")
+    ap.add_argument("--deadline", type=float, default=30.0)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="bcchaos", dir="/tmp"))
+    policy = "lru" if args.scenario == "kill" else "stop"
+    node = Node(work, int(args.size) << 20, args.quota, policy, args.deadline)
+    try:
+        totals = (outage if args.scenario == "outage" else kill)(node, args, rng)
+    finally:
+        node.stop_daemon(signal.SIGKILL)
+        node.stop_base()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{args.scenario}: {args.rounds} rounds, seed {args.seed}: wrong bytes "
+          f"{totals['wrong']}, corrupt images {totals['corrupt']}, reads failed with EIO "
+          f"{totals['eio']}")
+    if totals["wrong"] or totals["corrupt"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
