@@ -60,7 +60,8 @@ def content_sha256(content: bytes) -> str:
 
 
 def extension(*, version: int = 1, flags: int = 0, quota: int, policy: int = 0,
-              high: int = 95, low: int = 80, on_stale: int = 0, counters: tuple[int, ...] = (0,) * 8,
+              high: int = 95, low: int = 80, on_stale: int = 0,
+              counters: tuple[int, ...] = (0,) * 8,
               identity: bytes = b"", reserved: bytes = bytes(4), tail: bytes = b"") -> bytes:
     """The extension's data, field by field as the spec's table lists them."""
     return FIXED.pack(version, flags, quota, policy, high, low, on_stale, reserved, *counters,
