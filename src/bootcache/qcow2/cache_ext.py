@@ -130,3 +130,18 @@ class CacheExtension:
 
     def counters(self) -> dict[str, int]:
         return {name: int(getattr(self, name)) for name in COUNTERS}
+
+
+def fields(data: bytes) -> dict[str, Any]:
+    """The extension's fields under the spec's names (docs/spec/vectors use
+    them). Of a version this code does not know, only the version."""
+    try:
+        ext = CacheExtension.decode(data, strict=False)
+    except UnknownCacheVersion as e:
+        return {"length": len(data), "version": e.version}
+    out: dict[str, Any] = {
+        "length": len(data), "version": VERSION, "flags": ext.flags, "quota": ext.quota,
+        "policy": ext.policy, "high_watermark": ext.high_watermark,
+        "low_watermark": ext.low_watermark, "on_stale": ext.on_stale, **ext.counters(),
+        "identity_length": _FIXED.unpack_from(data)[-1], "identity": ext.identity}
+    return out
