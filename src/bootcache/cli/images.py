@@ -215,16 +215,18 @@ async def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
         for module in INFO_HOOK_MODULES:
             importlib.import_module(module)  # registers its hook, once
         for hook in INFO_HOOKS:
-            hook(img, info)
+            await hook(img, info)
         return info
     finally:
         await source.close()
 
 
 #: Extra facts other modules add to ``info`` (the cache extension does).
-INFO_HOOKS: list[Callable[[Qcow2Image, dict[str, Any]], None]] = []
-#: The modules that append to INFO_HOOKS: the CLI imports a command's module
-#: only when it runs, so ``info`` imports these itself.
+INFO_HOOKS: list[Callable[[Qcow2Image, dict[str, Any]], Awaitable[None]]] = []
+#: Extra rules other modules check (the cache extension's), after the qcow2 check.
+CHECK_HOOKS: list[Callable[[Qcow2Image, CheckResult], Awaitable[None]]] = []
+#: The modules that append to INFO_HOOKS and CHECK_HOOKS: the CLI imports a
+#: command's module only when it runs, so ``info`` and ``check`` import these.
 INFO_HOOK_MODULES = ("bootcache.cli.cache",)
 
 
@@ -260,6 +262,8 @@ def _print_info(info: dict[str, Any]) -> None:
         click.echo("Cache image:")
         for k, v in info["cache"].items():
             click.echo(f"    {k.replace('-', ' ')}: {v}")
+    for warning in info.get("warnings", ()):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @click.command()
@@ -301,7 +305,12 @@ async def run_check(path: str, repair: str | None) -> CheckResult:
         img = await Qcow2Image.open(source, writable=False, name=path)
         if repair is not None:
             img.writable = True
-        return await check_image(img, repair=repair)
+        res = await check_image(img, repair=repair)
+        for module in INFO_HOOK_MODULES:
+            importlib.import_module(module)
+        for hook in CHECK_HOOKS:
+            await hook(img, res)
+        return res
     except BootcacheError as e:
         return CheckResult(filename=path, check_errors=1, messages=[str(e)])
     finally:

@@ -37,5 +37,11 @@ def cache_extension_from_options(opts: dict[str, str],
                 setattr(ext, attr, int(opts[key].rstrip("%")))
             except ValueError as e:
                 raise ImageFormatError(f"{key} must be a percentage") from e
+    # Readers ignore the watermarks under stop, but a writer records valid ones,
+    # so that switching the policy to lru needs no other edit.
+    if not 0 < ext.low_watermark <= ext.high_watermark <= 100:
+        raise ImageFormatError(
+            f"watermarks {ext.low_watermark}/{ext.high_watermark} must satisfy "
+            "0 < low <= high <= 100")
     ext.validate()
     return ext
