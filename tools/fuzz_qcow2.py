@@ -19,6 +19,7 @@ With --differential, QEMU is the oracle too: for every case that
 must equal those of ``qemu-img convert -O raw`` whenever bootcache opens it.
 
     tools/fuzz_qcow2.py --seconds 3600 [--seed N] [--out DIR] [--timeout S] [--differential]
+    tools/fuzz_qcow2.py --differential --seed 1 --cases 3000 --seconds 1e9 --refused-out DIR
     tools/fuzz_qcow2.py --replay CASE.qcow2        # run one kept case in-process
 
 The CI test (tests/qcow2/test_fuzz.py) runs the same campaign for ~20 s.
@@ -321,9 +322,17 @@ def exercise(path: str, write: bool, case_seed: int, digest: bool = False) -> di
     With ``digest``, a disk of at most DIFF_LIMIT bytes is read whole first and
     its size and SHA-256 are returned, to compare with what QEMU reads.
     """
+    rng = random.Random(case_seed ^ 0x5EED)
+    out = read_phase(path, rng, digest)
+    if write:
+        write_phase(path, rng)
+    return out
+
+
+def read_phase(path: str, rng: random.Random, digest: bool) -> dict[str, Any]:
+    """Open read-only and read (the first part of :func:`exercise`)."""
     import bootcache
 
-    rng = random.Random(case_seed ^ 0x5EED)
     out: dict[str, Any] = {}
     with bootcache.open(path) as img:
         size = img.size
@@ -346,12 +355,17 @@ def exercise(path: str, write: bool, case_seed: int, digest: bool = False) -> di
             budget -= max(n, 4096)
         if size:
             img.read(size - 1, 1)
-    if not write:
-        return out
+    return out
+
+
+def write_phase(path: str, rng: random.Random) -> None:
+    """Open writable, write, zero, discard and flush (the second part of :func:`exercise`)."""
+    import bootcache
+
     with bootcache.open(path, writable=True) as img:
         size = img.size
         if size == 0:
-            return out
+            return
         for _ in range(6):
             off = rng.randrange(0, size)
             n = min(rng.choice([1, 700, 4096, 65536, 200000]), size - off)
@@ -364,7 +378,6 @@ def exercise(path: str, write: bool, case_seed: int, digest: bool = False) -> di
                 img.discard(off, n)
             img.read(off, n)
         img.flush()
-    return out
 
 
 def worker_main() -> None:
@@ -378,11 +391,19 @@ def worker_main() -> None:
         req = json.loads(line)
         start = time.perf_counter()
         result: dict[str, Any]
+        digest: dict[str, Any] = {}
+        phase = "read"
         try:
-            digest = exercise(req["path"], req["write"], req["case_seed"], req.get("digest", False))
+            rng = random.Random(req["case_seed"] ^ 0x5EED)
+            digest = read_phase(req["path"], rng, req.get("digest", False))
+            if req["write"]:
+                phase = "write"
+                write_phase(req["path"], rng)
             result = {"status": "ok", "digest": digest}
         except BootcacheError as e:
-            result = {"status": "error", "type": type(e).__name__, "message": str(e)[:300]}
+            # A refusal to write still reports what the read phase saw.
+            result = {"status": "error", "type": type(e).__name__, "message": str(e)[:300],
+                      "phase": phase, "digest": digest}
         except MemoryError:
             result = {"status": "fail", "type": "MemoryError",
                       "traceback": traceback.format_exc()[-3000:]}
@@ -486,25 +507,32 @@ class Report:
     errors: dict[str, int] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
     compared: int = 0  # differential mode: cases both QEMU and bootcache read
-    refused_clean: list[dict[str, Any]] = field(default_factory=list)  # QEMU: clean
+    refused_clean: list[dict[str, Any]] = field(default_factory=list)  # QEMU: clean (first 50)
+    refused_clean_count: int = 0  # all of them
+    refused_clean_writes: int = 0  # of which read fine (same bytes as QEMU) but refused writes
     size_mismatches: int = 0  # header size not a multiple of 512: QEMU rounds it down
 
     def summary(self) -> str:
         errs = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))
         diff = (f", {self.compared} compared with QEMU ({self.size_mismatches} with a size "
-                f"QEMU rounds down), {len(self.refused_clean)} refused although qemu-img check "
-                "finds them clean") if self.compared or self.refused_clean else ""
+                f"QEMU rounds down), {self.refused_clean_count} refused although qemu-img check "
+                f"finds them clean ({self.refused_clean_writes} of them read, refused "
+                "writes)") if self.compared or self.refused_clean_count else ""
         return (f"{self.cases} cases: {self.ok} ok, {sum(self.errors.values())} refused "
                 f"({errs}){diff}, {len(self.failures)} failures")
 
 
 def campaign(seconds: float, workdir: Path, *, seed: int = 0, timeout: float = 10.0,
              out: Path | None = None, max_failures: int = 20, differential: bool = False,
-             log: Callable[[str], None] | None = None) -> Report:
-    """Run cases until ``seconds`` pass; keep failing cases in ``out`` (if given).
+             log: Callable[[str], None] | None = None, cases: int | None = None,
+             refused_out: Path | None = None) -> Report:
+    """Run cases until ``seconds`` pass (or ``cases`` cases ran); keep failing cases in
+    ``out`` (if given).
 
     ``differential``: also read each case with QEMU; where ``qemu-img check`` finds
-    it clean and bootcache opens it, both must read the same bytes."""
+    it clean and bootcache opens it, both must read the same bytes. Cases bootcache
+    refuses although QEMU finds them clean are counted; with ``refused_out`` they are
+    kept there (image and description) to be classified."""
     seeds = build_seeds(workdir)
     report = Report()
     err_path = workdir / "worker.err"
@@ -513,7 +541,8 @@ def campaign(seconds: float, workdir: Path, *, seed: int = 0, timeout: float = 1
     case_path = workdir / "case.qcow2"
     try:
         index = 0
-        while time.monotonic() < deadline and len(report.failures) < max_failures:
+        while (time.monotonic() < deadline and len(report.failures) < max_failures
+               and (cases is None or report.cases < cases)):
             case_seed = seed * 1_000_003 + index
             index += 1
             source = seeds[case_seed % len(seeds)]
@@ -527,7 +556,8 @@ def campaign(seconds: float, workdir: Path, *, seed: int = 0, timeout: float = 1
             report.cases += 1
             status = result["status"]
             ours = result.get("digest") or None
-            if status == "ok" and theirs is not None and ours is not None:
+            write_refused = status == "error" and result.get("phase") == "write"
+            if (status == "ok" or write_refused) and theirs is not None and ours is not None:
                 report.compared += 1
                 if ours["size"] != theirs["size"]:
                     report.size_mismatches += 1
@@ -536,7 +566,7 @@ def campaign(seconds: float, workdir: Path, *, seed: int = 0, timeout: float = 1
                     status = "fail"
                     result = {"status": "fail", "type": "differs from QEMU",
                               "traceback": f"qemu-img reads {theirs}, bootcache reads {ours}"}
-                elif case.write:
+                elif case.write and not write_refused:
                     # The image was clean before bootcache wrote into it; it must stay so.
                     after = subprocess.run([QEMU_IMG, "check", "-f", "qcow2", str(case_path)],
                                            capture_output=True, timeout=20, check=False)
@@ -548,10 +578,19 @@ def campaign(seconds: float, workdir: Path, *, seed: int = 0, timeout: float = 1
                 report.ok += 1
             elif status == "error":
                 report.errors[result["type"]] = report.errors.get(result["type"], 0) + 1
-                if theirs is not None and len(report.refused_clean) < 50:
-                    report.refused_clean.append(
-                        {"case_seed": case_seed, "seed": source.name, "mutations": case.mutations,
-                         "error": f"{result['type']}: {result.get('message', '')}"})
+                if theirs is not None:
+                    report.refused_clean_count += 1
+                    report.refused_clean_writes += write_refused
+                    refused = {"case_seed": case_seed, "seed": source.name,
+                               "mutations": case.mutations, "phase": result.get("phase"),
+                               "error": f"{result['type']}: {result.get('message', '')}"}
+                    if len(report.refused_clean) < 50:
+                        report.refused_clean.append(refused)
+                    if refused_out is not None:
+                        refused_out.mkdir(parents=True, exist_ok=True)
+                        (refused_out / f"case-{case_seed}.qcow2").write_bytes(case.data)
+                        (refused_out / f"case-{case_seed}.json").write_text(
+                            json.dumps(refused, indent=1))
             else:
                 failure = {"seed": source.name, "case_seed": case_seed, "write": case.write,
                            "mutations": case.mutations, "type": result["type"],
@@ -590,6 +629,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=600.0, help="time budget")
+    parser.add_argument("--cases", type=int, default=None,
+                        help="stop after this many cases (with --seed: a repeatable run)")
+    parser.add_argument("--refused-out", type=Path, default=None,
+                        help="differential mode: keep the cases bootcache refuses although "
+                        "qemu-img check finds them clean here")
     parser.add_argument("--seed", type=int, default=None, help="campaign seed (default random)")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-case timeout (s)")
     parser.add_argument("--out", type=Path, default=Path("fuzz-failures"),
@@ -608,7 +652,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fuzz-qcow2-") as d:
         report = campaign(args.seconds, Path(d), seed=seed, timeout=args.timeout,
                           out=args.out, max_failures=1000, differential=args.differential,
-                          log=print)
+                          log=print, cases=args.cases, refused_out=args.refused_out)
     print(report.summary())
     for r in report.refused_clean[:20]:
         print(f"refused clean case {r['case_seed']} ({r['seed']}): {r['error']} {r['mutations']}")

@@ -148,7 +148,11 @@ class Header:
     @property
     def backing_format(self) -> str | None:
         ext = self.find_extension(EXT_BACKING_FORMAT)
-        return ext.data.decode("utf-8", "replace") if ext else None
+        if ext is None:
+            return None
+        # NUL padding counted in the length ends the string, as it does for QEMU
+        # (parse_header refused a NUL followed by anything else).
+        return ext.data.rstrip(b"\0").decode("utf-8", "replace")
 
     def find_extension(self, ext_type: int) -> Extension | None:
         for ext in self.extensions:
@@ -215,19 +219,38 @@ def parse_header(buf: bytes, file_size: int, *, name: str = "image") -> Header:
     h.extensions = _parse_extensions(buf, h, name)
     _check_features(h, name)
     _check_geometry(h, file_size, name)
-    if backing_off:
-        if backing_size == 0 or backing_size > MAX_BACKING_FILE_NAME:
+    if backing_off and backing_size:
+        if backing_size > MAX_BACKING_FILE_NAME:
             raise ImageFormatError(f"{name}: invalid backing file name length {backing_size}")
         if backing_off + backing_size > cs:
             raise ImageFormatError(f"{name}: backing file name lies outside the header cluster")
-        raw = bytes(buf[backing_off:backing_off + backing_size])
+        raw = _nul_padded_string(bytes(buf[backing_off:backing_off + backing_size]),
+                                 f"{name}: backing file name")
         try:
-            h.backing_file = raw.decode("utf-8")
+            backing = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ImageFormatError(f"{name}: backing file name is not UTF-8") from e
-        if "\0" in h.backing_file:
-            raise ImageFormatError(f"{name}: backing file name contains a NUL byte")
+        # An empty name (all NUL padding) names no backing file, as in QEMU.
+        h.backing_file = backing or None
+        fmt_ext = h.find_extension(EXT_BACKING_FORMAT)
+        if h.backing_file and fmt_ext:
+            _nul_padded_string(fmt_ext.data, f"{name}: backing file format name")
+    # backing_file_size 0: an empty name, no backing file, whatever the offset says
+    # (QEMU reads an empty name and opens no backing file either).
     return h
+
+
+def _nul_padded_string(raw: bytes, what: str) -> bytes:
+    """The string in a NUL-padded field: the bytes before the first NUL.
+
+    QEMU reads these fields as C strings, so trailing NULs are padding to it. A NUL
+    followed by other bytes is refused: the stored name and the one QEMU would use
+    differ, and which was meant is unknowable.
+    """
+    text, nul, rest = raw.partition(b"\0")
+    if nul and rest.strip(b"\0"):
+        raise ImageFormatError(f"{what} contains a NUL byte followed by more bytes")
+    return text
 
 
 def _check_features(h: Header, name: str) -> None:
