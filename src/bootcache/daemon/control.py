@@ -15,10 +15,12 @@ own user may talk to it. docs/operations.md has examples.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -79,8 +81,9 @@ class ControlServer:
         # Bind with a umask that leaves only the owner's bits: no window in
         # which another user could connect before the chmod.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(path) and not os.path.isdir(path):
-            os.unlink(path)  # a stale socket of an earlier run
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket of an earlier run
         old = os.umask(0o177)
         try:
             sock.bind(path)

@@ -15,12 +15,13 @@ import asyncio
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from bootcache.block.graph import NodeGraph, NodeRef
 from bootcache.errors import BackingPolicyError, BootcacheError
-from bootcache.layers.chain import ChainPolicy, node_key, open_node
+from bootcache.layers.chain import ChainPolicy, open_node
 from bootcache.nbd.server import Export, NBDProtocol
 
 log = logging.getLogger("bootcache.daemon")
@@ -72,8 +73,8 @@ class ExportRegistry:
         self._entries: dict[str, ExportEntry] = {}
         #: Names being added right now (their open is in progress).
         self._adding: set[str] = set()
-        #: Called with each node that a new export opened (the daemon's hooks).
-        self.on_open: list[Any] = []
+        #: Called with each export once it is added (the daemon's hooks).
+        self.on_open: list[Callable[[ExportEntry], None]] = []
 
     # -- the catalogue interface -------------------------------------------------
 
@@ -200,9 +201,6 @@ class ExportRegistry:
         """Release every export (after the server stopped): images close."""
         for entry in list(self._entries.values()):
             await self._release(entry)
-
-    def key_of(self, image: str) -> str:
-        return node_key(image)
 
 
 __all__ = ["ExportEntry", "ExportError", "ExportRegistry", "default_name"]

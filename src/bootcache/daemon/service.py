@@ -23,7 +23,7 @@ import resource
 import signal
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootcache.block.graph import NodeGraph
 from bootcache.block.layer import chain_of
@@ -40,6 +40,10 @@ from bootcache.daemon.notify import notify, notify_reloading
 from bootcache.errors import BootcacheError
 from bootcache.layers.chain import ChainPolicy, node_key
 from bootcache.nbd.server import NBDServer
+
+if TYPE_CHECKING:  # imported when started: aiohttp and prometheus_client are heavy
+    from bootcache.daemon.control import ControlServer
+    from bootcache.daemon.metrics import MetricsServer
 
 log = logging.getLogger("bootcache.daemon")
 
@@ -95,8 +99,8 @@ class NodeDaemon:
         self.exports = ExportRegistry(self.graph, policy_of(cfg))
         self.server: NBDServer | None = None
         self.stopping = asyncio.Event()
-        self._control: Any = None
-        self._metrics: Any = None
+        self._control: ControlServer | None = None
+        self._metrics: MetricsServer | None = None
         self._links: set[str] = set()
         self.where: list[str] = []
         self.exports.on_open.append(self._link_caches)
@@ -191,10 +195,12 @@ class NodeDaemon:
         """Stop the endpoints, let requests finish, close every image."""
         if self.server is not None:
             await self.server.shutdown()
-        for endpoint in (self._control, self._metrics):
-            if endpoint is not None:
-                await endpoint.close()
-        self._control = self._metrics = None
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        if self._metrics is not None:
+            await self._metrics.close()
+            self._metrics = None
         await self.exports.close()
         for link in self._links:
             with contextlib.suppress(OSError):
