@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,11 @@ from typing import Any
 
 import pytest
 
-from cache.conftest import child_env, short_tmpdir, wait_for
+import cache.conftest
+from cache.conftest import child_env, wait_for
+
+# The short socket folder of the cache tests, as a fixture here too.
+sockdir = cache.conftest.sockdir
 
 SERVING = re.compile(r"bootcache serve: serving .* on (.*)")
 
@@ -90,13 +93,6 @@ class Daemon:
         rc = self.proc.returncode
         self.proc = None
         return rc
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
