@@ -61,6 +61,32 @@ def bootstorm(quick: bool, ns: str | None, gaps: str | None, configs: str | None
     sys.exit(storm.main(s, outdir))
 
 
+@bench.command()
+@click.option("-k", "k", default=8, show_default=True, help="Compute nodes (network namespaces).")
+@click.option("-m", "m", default=8, show_default=True, help="VMs booting on each node.")
+@click.option("--gap-scale", default=0.5, show_default=True,
+              help="Guest think time: the trace's gaps times this (0 = pure I/O).")
+@click.option("--rate", default="1gbit", show_default=True, help="Each node's link (tc rate).")
+@click.option("--configs", help="Configurations, comma-separated (default: all).")
+@click.option("--trace", "trace_path", help="Boot trace (default: the shipped Debian 12 trace).")
+@click.option("--out", "outdir", default="bench/out", show_default=True)
+@click.option("--workdir", help="Keep images, logs and the S3 data here (default: a temporary "
+              "folder, removed at the end).")
+def fleet(k: int, m: int, gap_scale: float, rate: str, configs: str | None,
+          trace_path: str | None, outdir: str, workdir: str | None) -> None:
+    """K compute nodes x M VMs booting from one S3 storage node (needs root)."""
+    from bootcache.storm import fleet as fleetmod
+
+    tr = tracemod.load(trace_path) if trace_path else tracemod.debian12()
+    s = fleetmod.Settings(trace=tr, k=k, m=m, gap_scale=gap_scale, rate=rate, workdir=workdir)
+    if configs:
+        unknown = set(configs.split(",")) - set(fleetmod.CONFIGS)
+        if unknown:
+            raise click.BadParameter(f"unknown configurations: {', '.join(sorted(unknown))}")
+        s.configs = tuple(configs.split(","))
+    sys.exit(fleetmod.main(s, outdir))
+
+
 @click.group()
 def trace() -> None:
     """Record and replay boot traces."""

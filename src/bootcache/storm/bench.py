@@ -91,7 +91,7 @@ class Storm:
     # One storm: N VMs at one gap scale, link bytes counted around it.
     def _storm(self, config: str, uri: str, n: int, gap: float, link: nodes.Link) -> Row:
         link.mark()
-        results = _run_async(replay_storm(uri, self.s.trace, n, gap_scale=gap,
+        results = run_async(replay_storm(uri, self.s.trace, n, gap_scale=gap,
                                           expected=self.base.expected, verify=self.s.verify))
         row = Row(config, gap, n, max(r.seconds for r in results),
                   sum(r.seconds for r in results) / n, link.bytes_since_mark(),
@@ -131,7 +131,7 @@ class Storm:
 
     def _warm(self, uri: str, link: nodes.Link) -> None:
         """One untimed boot fills the cache (what the first boot on a node does)."""
-        _run_async(replay_storm(uri, self.s.trace, 1, expected=self.base.expected))
+        run_async(replay_storm(uri, self.s.trace, 1, expected=self.base.expected))
         self._warm_ready = True
 
     @contextmanager
@@ -160,7 +160,7 @@ class Storm:
                                  f"logfile={link.logfile}" for a in link.process.argv]
             link.start()
             try:
-                _run_async(replay_storm(link.uri, self.s.trace, 1,
+                run_async(replay_storm(link.uri, self.s.trace, 1,
                                         expected=self.base.expected))  # warm it
                 for gap in self.s.gap_scales:
                     for n in self.s.ns:
@@ -169,7 +169,7 @@ class Storm:
                 link.stop()
 
 
-def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:
