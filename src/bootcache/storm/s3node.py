@@ -124,7 +124,7 @@ class S3Node:
 
     @contextlib.asynccontextmanager
     async def client(self) -> AsyncIterator[Any]:
-        from aiobotocore.session import get_session
+        from aiobotocore.session import get_session  # type: ignore[import-untyped]
         async with get_session().create_client(
                 "s3", endpoint_url=self.endpoint, region_name="us-east-1",
                 aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY) as c:
