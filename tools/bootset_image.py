@@ -1,6 +1,6 @@
 """Cut a guest's disk down to its boot working set, as a small qcow2.
 
-    .venv/bin/python tools/bootset_image.py DISK.raw BOOT.trace OUT.qcow2 [--cluster 65536]
+    .venv/bin/python tools/bootset_image.py DISK.raw BOOT.trace OUT.qcow2 [--cluster 65536] [--zstd]
 
 OUT.qcow2 has DISK's size and, in every ``--cluster``-aligned block that the
 trace reads, DISK's exact bytes; everything else is unallocated (reads as
@@ -32,6 +32,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("out", help="the qcow2 to write")
     ap.add_argument("--cluster", type=int, default=65536,
                     help="block size to copy whole (default: 64 KiB, the cache's cluster)")
+    ap.add_argument("--zstd", action="store_true",
+                    help="write zstd-compressed clusters (smaller to share; QEMU reads them)")
     args = ap.parse_args(argv)
 
     tr = tracemod.load_named(args.trace)
@@ -53,9 +55,12 @@ def main(argv: list[str]) -> int:
                 os.pwrite(sparse.fileno(), data, off)
         sparse.flush()
         tmp_out = args.out + ".tmp"
-        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2",
-                        "-o", f"cluster_size={args.cluster}", sparse.name, tmp_out],
-                       check=True)
+        opts = f"cluster_size={args.cluster}"
+        compress = ["-c"] if args.zstd else []
+        if args.zstd:
+            opts += ",compression_type=zstd"
+        subprocess.run(["qemu-img", "convert", "-q", *compress, "-f", "raw", "-O", "qcow2",
+                        "-o", opts, sparse.name, tmp_out], check=True)
         os.replace(tmp_out, args.out)
     print(f"{args.out}: {len(blocks)} blocks of {args.cluster} bytes "
           f"({len(blocks) * args.cluster / 2**20:.1f} MiB) from {args.disk}, "
