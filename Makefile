@@ -6,7 +6,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo bootstorm test test-repeat lint
+.PHONY: setup demo bootstorm traces test test-repeat lint
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,14 @@ demo: setup
 
 bootstorm: setup
 	$(VENV)/bin/bootcache bench bootstorm --out bench/out/full
+
+# Record both boot traces again from their guests (root; builds the guests
+# first from a Debian mirror if they are not cached; a few minutes each under
+# TCG). docs/traces.md describes them; compare with src/bootcache/storm/.
+traces: setup
+	mkdir -p bench/out/traces
+	tools/record_boot_trace.sh services bench/out/traces/debian12-services-boot.trace
+	tools/record_boot_trace.sh minbase bench/out/traces/debian12-minbase-boot.trace
 
 test: setup
 	$(VENV)/bin/pytest -q

@@ -1,13 +1,13 @@
 """Cold boot reads through a cache over a remote base, on a rate-shaped link.
 
-A Debian 12 boot trace (``bootcache.storm.trace.debian12()``) is replayed
+A Debian 12 boot trace (``--trace``, default the shipped debian12-minbase) is replayed
 through a fresh cache image whose base sits behind a server on the far side
 of a veth pair, in a network namespace this script creates and removes.
 Traffic from the servers to bootcache is shaped by ``tc`` (tbf) on the
 namespace's end of the pair; bootcache runs outside, reading as fast as it
 can. Sources: HTTP (nginx), S3 (SeaweedFS), NBD (nbdkit), NBD (qemu-nbd).
 
-The trace touches 809 distinct 64 KiB blocks (50.6 MiB) in 123 runs spread
+The default trace touches 809 distinct 64 KiB blocks (50.6 MiB) in 123 runs spread
 over a 4 GiB disk. The base is the same disk with the gaps between runs
 shortened to one block (so the S3 upload is 58 MiB, not 4 GiB): every run
 keeps its length and stays apart from its neighbours, every request keeps
@@ -32,6 +32,7 @@ refused, it falls back to nbdkit's rate filter for the NBD source alone.
 Usage:
     .venv/bin/python bench/remote_read.py [--rate 100mbit] [--readers 1,8]
         [--sources http,s3,nbdkit,qemu-nbd] [--repeat 1] [--json FILE]
+        [--trace debian12-minbase|debian12-services|FILE]
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from typing import Any
 
 from bootcache.layers.cache import CacheLayer
 from bootcache.layers.chain import open_layer
-from bootcache.storm.trace import Request, Trace, debian12
+from bootcache.storm.trace import SHIPPED, Request, Trace, load_named
 
 BLOCK = 64 << 10
 HOST_IP, NS_IP = "10.200.0.1", "10.200.0.2"
@@ -399,12 +400,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--trace", default="debian12-minbase",
+                    help="boot trace: a shipped one by name (" + ", ".join(SHIPPED)
+                    + ") or a trace file's path (default: %(default)s)")
     args = ap.parse_args()
     rate = parse_rate(args.rate)
     readers = [int(x) for x in args.readers.split(",")]
     sources = args.sources.split(",")
 
-    requests, size = compact(debian12())
+    trace = load_named(args.trace)
+    requests, size = compact(trace)
     why_not = netns_possible()
     if why_not:
         print(f"no network namespace ({why_not}): shaping with nbdkit's rate filter, "
@@ -417,7 +422,7 @@ def main() -> None:
         base.write_bytes(random.Random(5).randbytes(size))  # incompressible
         ns = None if why_not else stack.enter_context(Namespace(rate))
         rx = ns.sent_bytes if ns else (lambda: 0)
-        print(f"trace: {len(requests)} requests, {len(debian12().blocks(BLOCK))} blocks "
+        print(f"trace: {len(requests)} requests, {len(trace.blocks(BLOCK))} blocks "
               f"of 64 KiB; base {size / 2**20:.1f} MiB; rate {rate / 1e6:g} Mbit/s "
               f"({'tc tbf on a veth into ' + ns.name if ns else 'nbdkit rate filter'})",
               flush=True)

@@ -69,3 +69,34 @@ def test_record_then_replay(tmp_path: Path, sockdir: str) -> None:
     finally:
         srv.send_signal(signal.SIGTERM)
         assert srv.wait(timeout=20) == 0
+
+
+def test_stats_counts_what_the_trace_holds(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    path.write_text("# comment\n0.0 0 4096\n0.1 4096 4096\n0.2 65536 131072\n0.3 0 512\n")
+    res = subprocess.run([*BC, "trace", "stats", str(path)], check=True, capture_output=True,
+                         text=True)
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"{path}: 4 reads over 0.3 s"
+    # 4096 + 4096 + 131072 + 512 bytes; blocks 0, 1 and 16..47 at 4 KiB; 0, 1, 2 at 64 KiB.
+    assert lines[1] == f"read: {(4096 * 2 + 131072 + 512) / 2**20:.1f} MiB"
+    assert lines[2] == (f"distinct: {34 * 4096 / 2**20:.1f} MiB at 4 KiB, "
+                        f"{3 * 65536 / 2**20:.1f} MiB at 64 KiB")
+    assert lines[4] == "request sizes: 4 KiB (2), 512 B (1), 128 KiB (1)"  # ties: smaller first
+
+
+@pytest.mark.parametrize("name", sorted(trace.SHIPPED))
+def test_every_shipped_trace_loads_by_name(name: str) -> None:
+    tr = trace.shipped(name)
+    assert tr.name == trace.SHIPPED[name]
+    assert len(tr.requests) > 100
+    assert tr.requests[0].time == 0.0
+    assert all(a.time <= b.time for a, b in zip(tr.requests, tr.requests[1:], strict=False))
+
+
+def test_an_unknown_shipped_name_is_refused_with_the_list() -> None:
+    res = subprocess.run([*BC, "trace", "stats", "no-such-trace"], capture_output=True,
+                         text=True)
+    assert res.returncode != 0
+    assert "no-such-trace" in res.stderr
+

@@ -36,7 +36,10 @@ def bench() -> None:
 @click.option("--gaps", help="Gap scales, e.g. 0,0.5 (0 = pure I/O).")
 @click.option("--configs", help="Configurations, comma-separated (default: all).")
 @click.option("--rate", default="1G", show_default=True, help="Link rate, bits/s (nbdkit rate=).")
-@click.option("--trace", "trace_path", help="Boot trace (default: the shipped Debian 12 trace).")
+@click.option("--trace", "trace_path",
+              help="Boot trace: a shipped one by name ("
+              + ", ".join(tracemod.SHIPPED) + ") or a trace file's path "
+              "(default: debian12-minbase).")
 @click.option("--verify", type=click.Choice(["all", "sample"]), default="sample",
               show_default=True, help="Check every replayed read, or a sample.")
 @click.option("--out", "outdir", default="bench/out", show_default=True)
@@ -45,7 +48,7 @@ def bootstorm(quick: bool, ns: str | None, gaps: str | None, configs: str | None
     """N VMs booting at once from one remote base, with and without caches."""
     from bootcache.storm import bench as storm
 
-    tr = tracemod.load(trace_path) if trace_path else tracemod.debian12()
+    tr = tracemod.load_named(trace_path) if trace_path else tracemod.debian12()
     s = storm.Settings(trace=tr, rate=rate, verify=verify)
     if quick:
         s.ns, s.gap_scales, s.configs, s.verify = (1, 4), (0.0,), storm.QUICK_CONFIGS, "all"
@@ -131,6 +134,15 @@ def record(socket_path: str, output: str, image: str) -> None:
     asyncio.run(main())
 
 
+@trace.command(help="Print TRACE's totals: reads, MiB read, distinct MiB, request sizes.\n\n"
+               "TRACE is a trace file or a shipped trace's name ("
+               + ", ".join(tracemod.SHIPPED) + ").")
+@click.argument("trace_path", metavar="TRACE")
+def stats(trace_path: str) -> None:
+    for line in tracemod.describe(tracemod.load_named(trace_path)):
+        click.echo(line)
+
+
 @trace.command()
 @click.argument("uri")
 @click.argument("trace_path", metavar="TRACE")
@@ -138,10 +150,11 @@ def record(socket_path: str, output: str, image: str) -> None:
 @click.option("--gap-scale", default=0.0, show_default=True,
               help="Scale of the recorded gaps between reads (0 = pure I/O).")
 def replay(uri: str, trace_path: str, n: int, gap_scale: float) -> None:
-    """Replay TRACE against the NBD export URI from N simulated VMs at once."""
+    """Replay TRACE (a file or a shipped trace's name) against the NBD export URI
+    from N simulated VMs at once."""
     from bootcache.storm.replay import replay_storm
 
-    tr = tracemod.load(trace_path)
+    tr = tracemod.load_named(trace_path)
     results = asyncio.run(replay_storm(uri, tr, n, gap_scale=gap_scale))
     times = sorted(r.seconds for r in results)
     click.echo(f"{n} VMs: slowest {times[-1]:.3f} s, fastest {times[0]:.3f} s, "

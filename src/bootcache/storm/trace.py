@@ -51,6 +51,14 @@ class Trace:
         return out
 
 
+    def size_histogram(self) -> list[tuple[int, int]]:
+        """(request length, count) pairs, the most frequent length first."""
+        counts: dict[int, int] = {}
+        for r in self.requests:
+            counts[r.length] = counts.get(r.length, 0) + 1
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def parse(text: str, name: str = "trace") -> Trace:
     reqs = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -75,10 +83,62 @@ def load(path: str) -> Trace:
         return parse(f.read(), path)
 
 
+# The boot traces shipped with bootcache, by name (files in this package).
+SHIPPED = {
+    # Debian 12 minbase, -kernel/-initrd, root=/dev/vda: the default.
+    "debian12-minbase": "debian12-minbase-boot.trace",
+    # Debian 12 with ssh, cron, networking, a persistent journal, booting
+    # through its own GRUB from a partitioned disk.
+    "debian12-services": "debian12-services-boot.trace",
+}
+
+
+def shipped(name: str) -> Trace:
+    """A shipped boot trace by its name in ``SHIPPED``."""
+    try:
+        filename = SHIPPED[name]
+    except KeyError:
+        raise BootcacheError(f"no shipped trace {name!r} (shipped: "
+                             f"{', '.join(SHIPPED)})") from None
+    text = resources.files("bootcache.storm").joinpath(filename).read_text()
+    return parse(text, filename)
+
+
+def load_named(spec: str) -> Trace:
+    """A shipped trace's name, or else the path of a trace file."""
+    if spec in SHIPPED:
+        return shipped(spec)
+    try:
+        return load(spec)
+    except OSError as e:
+        raise BootcacheError(f"{spec}: {e.strerror} (not a trace file, nor a shipped "
+                             f"trace: {', '.join(SHIPPED)})") from None
+
+
 def debian12() -> Trace:
-    """The boot trace shipped with bootcache (Debian 12 minbase, QEMU virtio-blk, TCG)."""
-    text = resources.files("bootcache.storm").joinpath("debian12-minbase-boot.trace").read_text()
-    return parse(text, "debian12-minbase-boot.trace")
+    """The default shipped boot trace (Debian 12 minbase, QEMU virtio-blk, TCG)."""
+    return shipped("debian12-minbase")
+
+
+def describe(trace: Trace, top: int = 6) -> list[str]:
+    """The totals the traces' README gives for each trace, one a line."""
+    mib = 2**20
+    hist = trace.size_histogram()
+    sizes = ", ".join(f"{_size(n)} ({c})" for n, c in hist[:top])
+    if len(hist) > top:
+        sizes += f", and {len(hist) - top} other sizes ({sum(c for _, c in hist[top:])})"
+    return [
+        f"{trace.name}: {len(trace.requests)} reads over {trace.duration:.1f} s",
+        f"read: {trace.total_bytes / mib:.1f} MiB",
+        f"distinct: {trace.distinct_bytes(4096) / mib:.1f} MiB at 4 KiB, "
+        f"{trace.distinct_bytes(65536) / mib:.1f} MiB at 64 KiB",
+        f"highest offset read: {trace.end / mib:.1f} MiB",
+        f"request sizes: {sizes}",
+    ]
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024} KiB" if n % 1024 == 0 else f"{n} B"
 
 
 class TraceWriter:
