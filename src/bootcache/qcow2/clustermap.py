@@ -7,7 +7,8 @@ refcounts. Ordering is structural, not a convention of the call sites:
 - the L2 cache depends on the refcounts' barrier: a dirty table reaches the
   disk only once every write completed before its last change is durable
   (the refcounts it relies on, and the data its new entries point to);
-- an L1 entry is written under the same rule, after the dirty L2 tables;
+- an L1 entry is written only at flush, after the dirty L2 tables and a sync
+  that makes them durable (QEMU's order too);
 - a cluster an entry stops pointing to goes to the free queue, which refuses
   to release anything while L2 or L1 changes are still unwritten.
 """
@@ -54,8 +55,8 @@ class ClusterMap:
         self.extended = h.extended_l2
         self.l2_entries = fmt.l2_entries_per_table(h)
         self.l1 = l1
-        #: Dirty L1 entries: index -> the barrier write number they rely on.
-        self.l1_dirty: dict[int, int] = {}
+        #: Indices of L1 entries changed in memory only.
+        self.l1_dirty: set[int] = set()
         self.l2_cache: TableCache[array[int]] = TableCache(
             l2_cache_bytes // self.cs, self._load_l2, self._write_l2,
             depends_on=refcounts.barrier)
@@ -137,7 +138,7 @@ class ClusterMap:
 
     def _set_l1(self, l1i: int, entry: int) -> None:
         self.l1[l1i] = entry
-        self.l1_dirty[l1i] = max(self.barrier.written, self.l1_dirty.get(l1i, 0))
+        self.l1_dirty.add(l1i)
 
     # -- lookups --------------------------------------------------------------
 
@@ -348,9 +349,9 @@ class ClusterMap:
         the free queue; each step waits for what it relies on."""
         await self.l2_cache.flush()
         while self.l1_dirty:
-            needed = max(self.l1_dirty.values())
-            await self.barrier.sync_to(needed)
-            dirty, self.l1_dirty = sorted(self.l1_dirty), {}
+            # The tables the entries point to are durable as they are now.
+            await self.barrier.sync()
+            dirty, self.l1_dirty = sorted(self.l1_dirty), set()
             l1_offset = self.headers.header.l1_table_offset
             for lo, hi in _ranges(dirty):
                 await self.barrier.pwrite(l1_offset + 8 * lo, encode_u64(self.l1[lo:hi + 1]))
