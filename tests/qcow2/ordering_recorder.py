@@ -101,6 +101,9 @@ class RecordingSource(ByteSource):
         self.violations: list[str] = []
         self.writes = 0
         self.syncs = 0
+        # referenced() is costly: kept per state until pointers change.
+        self._meta_version = 0
+        self._referenced: dict[tuple[object, ...], set[int]] = {}
         #: L2 tables judged: written while reachable, or made reachable.
         self.l2_writes = 0
 
@@ -145,9 +148,8 @@ class RecordingSource(ByteSource):
 
     def _judge(self, off: int, data: bytes) -> None:
         durable, live = _Layout(self._read_durable), _Layout(self._read_live)
-        after = bytearray(self._read_live(off, len(data)))
-        after[:] = data
         cs, end = live.cs, off + len(data)
+        meta_before = self.l2_writes, len(self.violations)
         # L2 tables
         for table in sorted(durable.l2_tables() | live.l2_tables()):
             if table < end and off < table + cs:
@@ -178,6 +180,7 @@ class RecordingSource(ByteSource):
         # L1 entries (either state's table)
         for l1_offset, l1_size in {(lay.l1_offset, lay.l1_size) for lay in (durable, live)}:
             for pos, new in changed_u64(l1_offset, 8 * l1_size):
+                self._meta_version += 1
                 table = new & _OFFSET_MASK
                 if table:
                     self._pointee_durable(f"L1 entry {(pos - l1_offset) // 8}", table, cs,
@@ -187,9 +190,12 @@ class RecordingSource(ByteSource):
         for rt_offset, rt_clusters in {(lay.rt_offset, lay.rt_clusters)
                                        for lay in (durable, live)}:
             for _, new in changed_u64(rt_offset, rt_clusters * cs):
+                self._meta_version += 1
                 if new & ~0x1FF and self._unsynced(new & ~0x1FF, cs):
                     self._bad(f"refcount table entry points to {new & ~0x1FF:#x}, not durable")
         # header pointers
+        if (self.l2_writes, len(self.violations)) != meta_before or off < 64:
+            self._meta_version += 1
         if off < 64:
             hdr = bytearray(self._read_live(0, 64))
             hdr[off:min(end, 64)] = data[:min(end, 64) - off]
@@ -219,10 +225,18 @@ class RecordingSource(ByteSource):
                 if old and not new:
                     freed.append(b * live.per_block + i)
             if freed:
-                still = durable.referenced() | live.referenced()
+                still = self._cached_referenced(("durable", self.syncs), durable) | \
+                    self._cached_referenced(("live", self.syncs, self._meta_version), live)
                 for c in freed:
                     if c in still:
                         self._bad(f"cluster {c} freed while the metadata still points to it")
+
+    def _cached_referenced(self, key: tuple[object, ...], lay: _Layout) -> set[int]:
+        if key not in self._referenced:
+            self._referenced = {k: v for k, v in self._referenced.items()
+                                if k[0] != key[0]}
+            self._referenced[key] = lay.referenced()
+        return self._referenced[key]
 
     # -- ByteSource ------------------------------------------------------------
 
