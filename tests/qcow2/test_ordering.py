@@ -220,3 +220,22 @@ def test_the_recorder_catches_a_broken_barrier(tmp_path: Path,
     rec = asyncio.run(go())
     assert any("refcount is not durable" in v for v in rec.violations), rec.violations[:5]
 
+
+
+def test_only_the_barrier_writes_to_an_open_image() -> None:
+    """The recorder above judges the paths that exist; this keeps a new one
+    from writing around the barrier (create.py writes new files, not open images)."""
+    import ast
+
+    import bootcache.qcow2 as pkg
+
+    offenders = []
+    for module in Path(pkg.__file__).parent.glob("*.py"):
+        if module.name in ("barrier.py", "create.py"):
+            continue
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in (
+                    "pwrite", "flush", "punch_hole", "truncate") and \
+                    isinstance(node.value, ast.Attribute) and node.value.attr == "source":
+                offenders.append(f"{module.name}:{node.lineno}")
+    assert offenders == []
