@@ -353,8 +353,13 @@ class ClusterMap:
             await self.barrier.sync()
             dirty, self.l1_dirty = sorted(self.l1_dirty), set()
             l1_offset = self.headers.header.l1_table_offset
-            for lo, hi in _ranges(dirty):
-                await self.barrier.pwrite(l1_offset + 8 * lo, encode_u64(self.l1[lo:hi + 1]))
+            try:
+                for lo, hi in _ranges(dirty):
+                    await self.barrier.pwrite(l1_offset + 8 * lo,
+                                              encode_u64(self.l1[lo:hi + 1]))
+            except BaseException:
+                self.l1_dirty.update(dirty)  # written again at the next flush
+                raise
         await self.frees.release()
         await self.barrier.sync()
 
