@@ -6,6 +6,11 @@ bitmaps), counts the references each host cluster should have, and compares
 with the stored refcounts: a stored count above the reference count is a
 leak (wasted space, harmless); below it is a corruption (a later allocation
 could overwrite live data). Repair rewrites refcounts to the counted values.
+
+The check runs on a quiescent image (it flushes first), reads the tables as
+they are on disk, and repairs through the engine's own objects: refcounts
+through :class:`Refcounts`, OFLAG_COPIED through the cluster map's caches,
+so nothing an open image holds goes stale behind its back.
 """
 
 from __future__ import annotations
@@ -13,22 +18,42 @@ from __future__ import annotations
 import struct
 from array import array
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from bootcache.errors import ImageCorruptError
 from bootcache.qcow2 import format as fmt
+from bootcache.qcow2.clustermap import ClusterMap
 from bootcache.qcow2.format import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    Header,
 )
-from bootcache.qcow2.image import Qcow2Image
+from bootcache.qcow2.refcount import Refcounts
 from bootcache.qcow2.tables import decode_u64
+from bootcache.sources.base import ByteSource
 
 _SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
 _BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
 _MAX_REPORTED = 100
+
+
+class Checked(Protocol):
+    """What the check needs of an image (a Qcow2Image has it all)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def source(self) -> ByteSource: ...
+    @property
+    def header(self) -> Header: ...
+    @property
+    def map(self) -> ClusterMap: ...
+    @property
+    def refcounts(self) -> Refcounts: ...
+    async def flush(self) -> None: ...
 
 
 @dataclass
@@ -85,11 +110,10 @@ class CheckResult:
 class _Counter:
     """Expected reference counts per host cluster, from walking the metadata."""
 
-    def __init__(self, img: Qcow2Image, file_size: int, res: CheckResult) -> None:
+    def __init__(self, img: Checked, file_size: int, res: CheckResult) -> None:
         self.img, self.res = img, res
-        self.cb = img.cb
-        self.nclusters = -(-file_size >> self.cb) if file_size else 0
-        self.nclusters = max(self.nclusters, (file_size + img.cs - 1) >> self.cb)
+        self.cb = img.map.cb
+        self.nclusters = (file_size + img.map.cs - 1) >> self.cb
         self.refs = array("I", bytes(4 * self.nclusters))
         #: Highest cluster with a stored refcount (leaks count for the image end).
         self.last_stored = 0
@@ -107,9 +131,10 @@ class _Counter:
         return True
 
 
-async def check_image(img: Qcow2Image, repair: str | None = None) -> CheckResult:
+async def check_image(img: Checked, repair: str | None = None) -> CheckResult:
     """Check ``img`` (and with ``repair`` "leaks" or "all", fix what is safe)."""
-    h, cs = img.header, img.cs
+    await img.flush()  # the disk holds everything the engine knows: read it
+    h, cs = img.header, img.map.cs
     file_size = await img.source.size()
     res = CheckResult(filename=img.name, total_clusters=-(-h.size // cs))
     cnt = _Counter(img, file_size, res)
@@ -123,8 +148,8 @@ async def check_image(img: Qcow2Image, repair: str | None = None) -> CheckResult
             res.note(f"ERROR refcount block {b} is not cluster aligned")
         else:
             cnt.add(off, cs, f"refcount block {b}")
-    copied_checks: list[tuple[int, int, bool]] = []
-    await _walk_l1(img, cnt, img.l1, active=True, copied=copied_checks)
+    copied_checks: list[tuple[int, int, int, bool]] = []
+    await _walk_l1(img, cnt, img.map.l1, active=True, copied=copied_checks)
     await _walk_snapshots(img, cnt)
     await _walk_bitmaps(img, cnt)
     await _compare(img, cnt, res, repair)
@@ -133,14 +158,14 @@ async def check_image(img: Qcow2Image, repair: str | None = None) -> CheckResult
     last = max(used[-1] if used else 0, cnt.last_stored)
     res.image_end_offset = (last + 1) * cs
     if repair and (res.leaks_fixed or res.corruptions_fixed):
-        await img.source.flush()  # the repairs are durable before anyone relies on them
+        await img.flush()  # the repairs are durable before anyone relies on them
     return res
 
 
-async def _walk_l1(img: Qcow2Image, cnt: _Counter, l1: array[int], *, active: bool,
-                   copied: list[tuple[int, int, bool]]) -> None:
-    res, cs = cnt.res, img.cs
-    step = 2 if img.extended else 1
+async def _walk_l1(img: Checked, cnt: _Counter, l1: array[int], *, active: bool,
+                   copied: list[tuple[int, int, int, bool]]) -> None:
+    res, cs, m = cnt.res, img.map.cs, img.map
+    step = 2 if m.extended else 1
     prev_host = -1
     for l1i, e in enumerate(l1):
         l2off = e & L1E_OFFSET_MASK
@@ -149,13 +174,13 @@ async def _walk_l1(img: Qcow2Image, cnt: _Counter, l1: array[int], *, active: bo
         if not cnt.add(l2off, cs, f"L2 table {l1i}"):
             continue
         if active:
-            copied.append((-1 - l1i, l2off, bool(e & OFLAG_COPIED)))
+            copied.append((l1i, -1, l2off, bool(e & OFLAG_COPIED)))
         table = decode_u64(await img.source.pread(l2off, cs))
         for l2i in range(0, len(table), step):
             le = table[l2i]
             if le & OFLAG_COMPRESSED:
-                first, count = img.compressed_clusters(le)
-                cnt.add(first << img.cb, count << img.cb, "compressed cluster")
+                first, count = m.compressed_clusters(le)
+                cnt.add(first << m.cb, count << m.cb, "compressed cluster")
                 if active:
                     res.allocated_clusters += 1
                     res.compressed_clusters += 1
@@ -168,15 +193,15 @@ async def _walk_l1(img: Qcow2Image, cnt: _Counter, l1: array[int], *, active: bo
                 res.note(f"ERROR cluster offset {host:#x} unaligned (L2 table {l2off:#x})")
                 continue
             if cnt.add(host, cs, "data cluster") and active:
-                if not (le & OFLAG_ZERO and not img.extended):
+                if not (le & OFLAG_ZERO and not m.extended):
                     res.allocated_clusters += 1
                 if prev_host >= 0 and host != prev_host + cs:
                     res.fragmented_clusters += 1
                 prev_host = host
-                copied.append((l2off + 8 * l2i, host, bool(le & OFLAG_COPIED)))
+                copied.append((l1i, l2i, host, bool(le & OFLAG_COPIED)))
 
 
-async def _walk_snapshots(img: Qcow2Image, cnt: _Counter) -> None:
+async def _walk_snapshots(img: Checked, cnt: _Counter) -> None:
     h = img.header
     if not h.nb_snapshots:
         return
@@ -192,7 +217,7 @@ async def _walk_snapshots(img: Qcow2Image, cnt: _Counter) -> None:
             return
         pos += _SNAPSHOT_ENTRY.size + extra + id_len + name_len
         pos = (pos + 7) & ~7
-        if l1_size * 8 > fmt.MAX_L1_BYTES or l1_off % img.cs:
+        if l1_size * 8 > fmt.MAX_L1_BYTES or l1_off % img.map.cs:
             cnt.res.corruptions += 1
             cnt.res.note(f"ERROR snapshot {i} has an invalid L1 table")
             continue
@@ -202,7 +227,7 @@ async def _walk_snapshots(img: Qcow2Image, cnt: _Counter) -> None:
     cnt.add(start, pos - start, "snapshot table")
 
 
-async def _walk_bitmaps(img: Qcow2Image, cnt: _Counter) -> None:
+async def _walk_bitmaps(img: Checked, cnt: _Counter) -> None:
     ext = img.header.find_extension(fmt.EXT_BITMAPS)
     if ext is None or len(ext.data) < 24:
         return
@@ -224,10 +249,10 @@ async def _walk_bitmaps(img: Qcow2Image, cnt: _Counter) -> None:
         for e in decode_u64(await img.source.pread(tab_off, tab_size * 8)):
             off = e & 0x00FFFFFFFFFFFE00
             if off:
-                cnt.add(off, img.cs, "bitmap data")
+                cnt.add(off, img.map.cs, "bitmap data")
 
 
-async def _compare(img: Qcow2Image, cnt: _Counter, res: CheckResult,
+async def _compare(img: Checked, cnt: _Counter, res: CheckResult,
                    repair: str | None) -> None:
     rt = img.refcounts
     per = rt.per_block
@@ -273,36 +298,32 @@ async def _compare(img: Qcow2Image, cnt: _Counter, res: CheckResult,
             rt.in_use = None
         # New refcount blocks created while repairing are themselves referenced now.
         for off in rt.block_set:
-            c = off >> img.cb
+            c = off >> img.map.cb
             if c >= cnt.nclusters or cnt.refs[c] == 0:
                 cnt.nclusters = max(cnt.nclusters, c + 1)
 
 
-async def _check_copied(img: Qcow2Image, res: CheckResult,
-                        entries: list[tuple[int, int, bool]], repair: str | None) -> None:
-    """OFLAG_COPIED must be set exactly on active entries whose refcount is 1."""
-    for where, host, has_flag in entries:
-        should = await img.refcounts.get(host >> img.cb) == 1
+async def _check_copied(img: Checked, res: CheckResult,
+                        entries: list[tuple[int, int, int, bool]], repair: str | None) -> None:
+    """OFLAG_COPIED must be set exactly on active entries whose refcount is 1.
+
+    ``entries`` are (L1 index, L2 index or -1 for the L1 entry, host, flag)."""
+    fixed = False
+    for l1i, l2i, host, has_flag in entries:
+        should = await img.refcounts.get(host >> img.map.cb) == 1
         if should == has_flag:
             continue
         res.corruptions += 1
-        kind = "L2 table" if where < 0 else "data cluster"
+        kind = "L2 table" if l2i < 0 else "data cluster"
         res.note(f"ERROR OFLAG_COPIED {kind} at {host:#x}: refcount does not match")
         if repair != "all":
             continue
-        if where < 0:
-            l1i = -1 - where
-            e = img.l1[l1i]
-            img.l1[l1i] = (e | OFLAG_COPIED) if should else (e & ~OFLAG_COPIED)
-            await img.source.pwrite(img.header.l1_table_offset + 8 * l1i,
-                                    int(img.l1[l1i]).to_bytes(8, "big"))
-        else:
-            raw = int.from_bytes(await img.source.pread(where, 8), "big")
-            raw = (raw | OFLAG_COPIED) if should else (raw & ~OFLAG_COPIED)
-            await img.source.pwrite(where, raw.to_bytes(8, "big"))
-            img.l2_cache.clear()
+        await img.map.set_copied(l1i, None if l2i < 0 else l2i, should)
+        fixed = True
         res.corruptions -= 1
         res.corruptions_fixed += 1
+    if fixed:
+        await img.flush()
 
 
 __all__ = ["CheckResult", "ImageCorruptError", "check_image"]

@@ -1,25 +1,20 @@
-"""The qcow2 image as a block layer: opening, mapping, reads, writes, flush.
+"""The qcow2 image as a block layer: opening, reads, writes, flush.
 
-Write ordering (what makes a crash at any point leave a consistent image):
-
-1. refcount increments are written through when clusters are allocated;
-2. guest data goes to its new cluster;
-3. dirty L2 tables are written back, each only after a file flush that
-   makes (1) and (2) durable;
-4. dirty L1 entries, after another flush that makes (3) durable;
-5. refcount decrements of clusters that L2 entries stopped referencing,
-   only after (3) and (4) are durable.
-
-So the worst a crash leaves is leaked clusters (refcount 1, unreferenced),
-which ``qemu-img check`` accepts and ``bootcache check -r leaks`` repairs.
+The engine underneath is split as QEMU splits it (docs/design.md, "Write
+ordering"): :class:`~bootcache.qcow2.barrier.SyncBarrier` is the one door
+for writes, :class:`~bootcache.qcow2.header.HeaderWriter` the one writer of
+the header, :class:`~bootcache.qcow2.refcount.Refcounts` allocates,
+:class:`~bootcache.qcow2.clustermap.ClusterMap` maps and owns the L2 cache
+that depends on the refcounts' barrier, and its free queue releases dropped
+clusters. This module only drives them: no write here needs to remember an
+ordering rule, the structures enforce it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from array import array
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 from bootcache.block.graph import NodeRef
 from bootcache.block.layer import BlockLayer, Extent, SourceBacked
@@ -30,10 +25,11 @@ from bootcache.errors import (
     UnsupportedFeatureError,
 )
 from bootcache.qcow2 import format as fmt
+from bootcache.qcow2.barrier import SyncBarrier
+from bootcache.qcow2.check import check_image
+from bootcache.qcow2.clustermap import COMPRESSED, DATA, UNALLOC, ZERO, ClusterMap, Mapping
 from bootcache.qcow2.compress import decompress_cluster
 from bootcache.qcow2.format import (
-    L1E_OFFSET_MASK,
-    L1E_RESERVED_MASK,
     L2E_OFFSET_MASK,
     L2E_RESERVED_MASK,
     OFLAG_COMPRESSED,
@@ -41,17 +37,14 @@ from bootcache.qcow2.format import (
     OFLAG_ZERO,
     Header,
 )
+from bootcache.qcow2.header import HeaderWriter
 from bootcache.qcow2.refcount import Refcounts
-from bootcache.qcow2.tables import TableCache, decode_u64, encode_u64
+from bootcache.qcow2.tables import decode_u64
 from bootcache.sources.base import ByteSource
 
-# Kinds of mapped extents.
-UNALLOC, DATA, ZERO, COMPRESSED = 0, 1, 2, 3
-Mapping = tuple[int, int, int, int]  # (kind, guest offset, length, host offset or L2 entry)
+__all__ = ["COMPRESSED", "DATA", "UNALLOC", "ZERO", "Mapping", "Qcow2Image"]
 
 _MAX_WRITE_CHUNK = 32 << 20
-# L2 entry bits that make a cluster anything but plain data.
-_NOT_PLAIN_DATA = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED_MASK
 
 
 class Qcow2Image(SourceBacked, BlockLayer):
@@ -61,34 +54,32 @@ class Qcow2Image(SourceBacked, BlockLayer):
                  refcounts: Refcounts, *, writable: bool, name: str,
                  l2_cache_bytes: int = 32 << 20) -> None:
         self.source = source
-        self.header = header
         self.name = name
-        self.l1 = l1
         self.refcounts = refcounts
+        self.barrier: SyncBarrier = refcounts.barrier
+        self.headers: HeaderWriter = refcounts.headers
+        self.map = ClusterMap(refcounts, l1, name=name, l2_cache_bytes=l2_cache_bytes)
         self.writable = writable
         #: The open backing file (None: not opened, or none), held by reference.
         self.backing_ref: NodeRef | None = None
         self.cb = header.cluster_bits
         self.cs = header.cluster_size
         self.extended = header.extended_l2
-        self.l2_entries = fmt.l2_entries_per_table(header)
-        self.l2_cache: TableCache[array[int]] = TableCache(
-            l2_cache_bytes // self.cs, self._load_l2, self._writeback_l2)
-        self.l1_dirty: set[int] = set()
-        self.l2_offsets = {int(e) & L1E_OFFSET_MASK for e in l1 if e & L1E_OFFSET_MASK}
-        #: (first cluster, count, punch hole, epoch of the drop) awaiting release.
-        self.pending_frees: list[tuple[int, int, bool, int]] = []
-        # Reads in progress by the epoch they started in: a dropped cluster is
-        # released only once no read that may still map it is running.
-        self.epoch = 0
-        self.active_reads: dict[int, int] = {}
-        self.unsynced_allocations = False
+        self.l2_entries = self.map.l2_entries
         self.lock = asyncio.Lock()
-        self.file_size = 0
         self._last_compressed: tuple[int, bytes] | None = None
         self.closed = False
         #: Format decisions follow the header, whether or not the backing is open.
         self.has_backing = header.backing_file is not None
+
+    @property
+    def header(self) -> Header:
+        """The parsed header (change it only through :attr:`headers`)."""
+        return self.headers.header
+
+    @property
+    def file_size(self) -> int:
+        return self.barrier.file_size
 
     # -- opening ---------------------------------------------------------------
 
@@ -115,41 +106,27 @@ class Qcow2Image(SourceBacked, BlockLayer):
                     "open it read-only")
         l1 = decode_u64(await source.pread(header.l1_table_offset, header.l1_size * 8)) \
             if header.l1_size else array("Q")
-        refcounts = await Refcounts.load(
-            source, cluster_bits=header.cluster_bits, refcount_bits=header.refcount_bits,
-            table_offset=header.refcount_table_offset,
-            table_clusters=header.refcount_table_clusters, file_size=file_size, name=name)
+        headers = HeaderWriter(header, SyncBarrier(source, file_size))
+        refcounts = await Refcounts.load(headers, name=name)
         if not refcounts.table[0]:
             raise ImageCorruptError(f"{name}: the header cluster has no refcount block")
         img = cls(source, header, l1, refcounts, writable=writable, name=name)
-        img.file_size = file_size
         if writable:
             await img._prepare_for_writing(keep_autoclear)
         return img
 
     async def _prepare_for_writing(self, keep_autoclear: int) -> None:
         h = self.header
-        if h.version == 3:
-            cleared = h.autoclear_features & ~keep_autoclear
-            if cleared:
-                h.autoclear_features &= keep_autoclear
-                await self.source.pwrite(fmt.OFF_AUTOCLEAR,
-                                         h.autoclear_features.to_bytes(8, "big"))
-                await self.source.flush()
+        if h.version == 3 and h.autoclear_features & ~keep_autoclear:
+            await self.headers.set_autoclear(h.autoclear_features & keep_autoclear)
         if h.incompatible_features & fmt.INCOMPAT_DIRTY:
             # Refcounts may be stale (lazy refcounts): rebuild before any allocation.
-            from bootcache.qcow2.check import check_image
-
             result = await check_image(self, repair="all")
             if result.corruptions:
                 raise ImageCorruptError(
                     f"{self.name}: dirty image could not be repaired "
                     f"({result.corruptions} corruptions remain)")
-            await self.source.flush()
-            h.incompatible_features &= ~fmt.INCOMPAT_DIRTY
-            await self.source.pwrite(fmt.OFF_INCOMPATIBLE,
-                                     h.incompatible_features.to_bytes(8, "big"))
-            await self.source.flush()
+            await self.headers.set_incompatible(h.incompatible_features & ~fmt.INCOMPAT_DIRTY)
 
     # -- BlockLayer basics ----------------------------------------------------------
 
@@ -174,7 +151,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
 
     def drop_clean_metadata(self) -> None:
         """Forget cached L2 tables and refcount blocks that match the disk."""
-        self.l2_cache.drop_clean()
+        self.map.l2_cache.drop_clean()
         self.refcounts.cache.drop_clean()
 
     def lower(self) -> list[BlockLayer]:
@@ -197,177 +174,32 @@ class Qcow2Image(SourceBacked, BlockLayer):
         # A qcow2 file that changed under us has metadata we may have cached.
         raise StaleBaseError(f"{self.name}: the qcow2 image changed; reopen it")
 
-    # -- metadata overlap checks ------------------------------------------------
-
-    def is_metadata(self, host: int) -> bool:
-        """True when the cluster at ``host`` holds metadata (header, tables, ...)."""
-        h, cs = self.header, self.cs
-        if host < cs:
-            return True
-        if h.l1_table_offset <= host < h.l1_table_offset + h.l1_size * 8:
-            return True
-        rt = self.refcounts
-        if rt.table_offset <= host < rt.table_offset + len(rt.table) * 8:
-            return True
-        return host in self.l2_offsets or host in rt.block_set
-
-    # -- L2 tables ------------------------------------------------------------
-
-    async def _load_l2(self, offset: int) -> array[int]:
-        if offset + self.cs > max(self.file_size, await self.source.size()):
-            raise ImageCorruptError(f"{self.name}: L2 table at {offset:#x} lies beyond the end")
-        h = self.header
-        if offset < self.cs or (h.l1_table_offset <= offset < h.l1_table_offset + h.l1_size * 8) \
-                or offset in self.refcounts.block_set:
-            raise ImageCorruptError(f"{self.name}: L2 table at {offset:#x} overlaps metadata")
-        return decode_u64(await self.source.pread(offset, self.cs))
-
-    async def _writeback_l2(self, offset: int, table: array[int]) -> None:
-        if self.unsynced_allocations:
-            await self.source.flush()
-            self.unsynced_allocations = False
-        await self.source.pwrite(offset, encode_u64(table))
-
-    async def _l2_table(self, l1i: int) -> array[int] | None:
-        if l1i >= len(self.l1):
-            return None
-        e = self.l1[l1i]
-        if e & L1E_RESERVED_MASK:
-            raise ImageCorruptError(f"{self.name}: L1 entry {l1i} has reserved bits set")
-        off = e & L1E_OFFSET_MASK
-        return await self.l2_cache.get(off) if off else None
-
-    async def _l2_table_for_write(self, l1i: int) -> tuple[int, array[int]]:
-        """The L2 table for ``l1i``, allocated (or copied if shared) as needed."""
-        e = self.l1[l1i]
-        if e & L1E_RESERVED_MASK:
-            raise ImageCorruptError(f"{self.name}: L1 entry {l1i} has reserved bits set")
-        off = e & L1E_OFFSET_MASK
-        if off and e & OFLAG_COPIED:
-            return off, await self.l2_cache.get(off)
-        cluster, _ = await self.refcounts.allocate(1)
-        self.unsynced_allocations = True
-        new_off = cluster << self.cb
-        if off:
-            table = array("Q", await self.l2_cache.get(off))
-            self._schedule_free(off >> self.cb, 1, False)
-        else:
-            table = array("Q", bytes(self.cs))
-        # Write the new table at once, so that no refcount ever covers a
-        # cluster past the end of the file.
-        await self.source.pwrite(new_off, encode_u64(table))
-        self.file_size = max(self.file_size, new_off + self.cs)
-        self.l2_offsets.add(new_off)
-        await self.l2_cache.put(new_off, table, dirty=True)
-        self.l1[l1i] = new_off | OFLAG_COPIED
-        self.l1_dirty.add(l1i)
-        return new_off, table
-
-    # -- mapping --------------------------------------------------------------
+    # -- mapping (the cluster map's) --------------------------------------------
 
     def data_host(self, offset: int, length: int) -> int:
-        """Host offset of a range inside one normal data cluster whose L2 table
-        is cached, else -1: the lookup of a hot read, with no await and no
-        allocation (the general path is :meth:`map_range`)."""
-        cb = self.cb
-        ci = offset >> cb
-        if (offset + length - 1) >> cb != ci or self.extended:
-            return -1
-        l1i, l2i = divmod(ci, self.l2_entries)
-        if l1i >= len(self.l1):
-            return -1
-        table = self.l2_cache.peek(self.l1[l1i] & L1E_OFFSET_MASK)
-        if table is None:
-            return -1
-        e = table[l2i]
-        if e & _NOT_PLAIN_DATA or not e & L2E_OFFSET_MASK:
-            return -1
-        return (e & L2E_OFFSET_MASK) + (offset & (self.cs - 1))
+        """Host offset of a range in one cached data cluster, else -1 (no await)."""
+        return self.map.data_host(offset, length)
 
     async def map_range(self, offset: int, length: int) -> list[Mapping]:
-        """Describe [offset, offset+length) as merged runs of one kind each.
+        """[offset, offset+length) as runs of one kind each (:meth:`ClusterMap.map_range`)."""
+        return await self.map.map_range(offset, length)
 
-        DATA runs carry the host offset of their first byte (host-contiguous
-        clusters merge); COMPRESSED runs lie within one cluster and carry the
-        L2 entry instead.
-        """
-        out: list[Mapping] = []
-        pos, end = offset, offset + length
-        cb, cs, per = self.cb, self.cs, self.l2_entries
-        while pos < end:
-            ci = pos >> cb
-            l1i, l2i = divmod(ci, per)
-            table = await self._l2_table(l1i)
-            if table is None:
-                stop = min(end, (l1i + 1) * per * cs)
-                _append(out, UNALLOC, pos, stop - pos, 0)
-                pos = stop
-                continue
-            while pos < end and l2i < per:
-                cluster_end = min(end, ((pos >> cb) + 1) << cb)
-                if self.extended:
-                    self._map_extended(out, table, l2i, pos, cluster_end)
-                else:
-                    e = table[l2i]
-                    kind, host = self._classify(e, ci)
-                    if host and kind != COMPRESSED:
-                        host += pos & (cs - 1)
-                    _append(out, kind, pos, cluster_end - pos, host)
-                pos = cluster_end
-                l2i += 1
-                ci += 1
-        return out
+    def compressed_clusters(self, entry: int) -> tuple[int, int]:
+        return self.map.compressed_clusters(entry)
 
-    def _classify(self, e: int, ci: int) -> tuple[int, int]:
-        if e & OFLAG_COMPRESSED:
-            return COMPRESSED, e
-        if e & L2E_RESERVED_MASK:
-            raise ImageCorruptError(f"{self.name}: L2 entry for cluster {ci} has reserved bits set")
-        if e & OFLAG_ZERO:
-            if self.header.version < 3:
-                raise ImageCorruptError(f"{self.name}: zero cluster in a version 2 image")
-            return ZERO, e & L2E_OFFSET_MASK  # a preallocated zero cluster keeps its host
-        host = e & L2E_OFFSET_MASK
-        if host:
-            return DATA, host
-        if e & OFLAG_COPIED:
-            raise ImageCorruptError(f"{self.name}: L2 entry for cluster {ci} maps to offset 0")
-        return UNALLOC, 0
+    async def allocated_clusters(self, *, zero: bool = False) -> list[int]:
+        """Guest clusters with data in this image (with ``zero``: zero clusters)."""
+        return await self.map.allocated_clusters(zero=zero)
 
-    def _map_extended(self, out: list[Mapping], table: array[int], l2i: int,
-                      pos: int, stop: int) -> None:
-        e, bitmap = table[2 * l2i], table[2 * l2i + 1]
-        ci = pos >> self.cb
-        if e & OFLAG_COMPRESSED:
-            _append(out, COMPRESSED, pos, stop - pos, e)
-            return
-        if e & (L2E_RESERVED_MASK | OFLAG_ZERO):
-            raise ImageCorruptError(f"{self.name}: L2 entry for cluster {ci} has reserved bits set")
-        host = e & L2E_OFFSET_MASK
-        alloc, zero = bitmap & 0xFFFFFFFF, bitmap >> 32
-        if alloc & zero:
-            raise ImageCorruptError(
-                f"{self.name}: subcluster both allocated and zero in cluster {ci}")
-        if alloc and not host:
-            raise ImageCorruptError(f"{self.name}: allocated subclusters without a host cluster")
-        sc_bits = self.cb - 5
-        base = ci << self.cb
-        while pos < stop:
-            sc = (pos - base) >> sc_bits
-            sc_end = min(stop, base + ((sc + 1) << sc_bits))
-            if alloc >> sc & 1:
-                _append(out, DATA, pos, sc_end - pos, host + (pos - base))
-            elif zero >> sc & 1:
-                _append(out, ZERO, pos, sc_end - pos, 0)
-            else:
-                _append(out, UNALLOC, pos, sc_end - pos, 0)
-            pos = sc_end
+    def reading(self) -> AbstractContextManager[None]:
+        """Mark a read in progress: clusters it may have mapped stay unreleased."""
+        return self.map.frees.reading()
 
     # -- reads ----------------------------------------------------------------
 
     async def pread(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
-        with self.reading():
+        with self.map.frees.reading():
             runs = await self.map_range(offset, length)
             if len(runs) == 1:
                 return await self._read_run(runs[0])
@@ -402,21 +234,13 @@ class Qcow2Image(SourceBacked, BlockLayer):
         host = entry & ((1 << x) - 1)
         sectors = ((entry >> x) & ((1 << (self.cb - 8)) - 1)) + 1
         nbytes = sectors * 512 - (host & 511)
-        if host + nbytes > max(self.file_size, await self.source.size()) + 512:
+        if host + nbytes > max(self.barrier.file_size, await self.source.size()) + 512:
             raise ImageCorruptError(
                 f"{self.name}: compressed cluster at {host:#x} lies beyond the end")
         data = decompress_cluster(await self.source.pread(host, nbytes), self.cs,
                                   self.header.compression_type)
         self._last_compressed = (entry, data)
         return data
-
-    def compressed_clusters(self, entry: int) -> tuple[int, int]:
-        """(first host cluster, count) touched by a compressed cluster's data."""
-        x = 62 - (self.cb - 8)
-        host = entry & ((1 << x) - 1)
-        sectors = ((entry >> x) & ((1 << (self.cb - 8)) - 1)) + 1
-        last = host + sectors * 512 - (host & 511) - 1
-        return host >> self.cb, (last >> self.cb) - (host >> self.cb) + 1
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
@@ -457,11 +281,11 @@ class Qcow2Image(SourceBacked, BlockLayer):
 
     async def _write(self, offset: int, view: memoryview) -> None:
         """Write within the lock: in place where a cluster is ours, else allocate."""
-        cb, cs, per = self.cb, self.cs, self.l2_entries
+        cb, cs, per, m, door = self.cb, self.cs, self.l2_entries, self.map, self.barrier
         pos, end = offset, offset + len(view)
         while pos < end:
             l1i, l2i = divmod(pos >> cb, per)
-            _, table = await self._l2_table_for_write(l1i)
+            table = await m.table_for_write(l1i)
             table_end = min(end, (l1i + 1) * per * cs)
             # Group the clusters of this table into runs handled with one I/O each.
             while pos < table_end:
@@ -472,7 +296,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
                         # A preallocated zero cluster: fill it, then drop the flag.
                         await self._fill_zero_cluster(e, pos, view[pos - offset:run_end - offset])
                         table[l2i] = e & ~OFLAG_ZERO
-                        self.l2_cache.mark_dirty(table_offset(self, l1i), table)
+                        m.touch(l1i, table)
                         pos, l2i = run_end, l2i + 1
                         continue
                     host = (e & L2E_OFFSET_MASK) + (pos & (cs - 1))
@@ -483,7 +307,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
                                 e & L2E_OFFSET_MASK) + ((j - l2i) << cb):
                         run_end = min(table_end, run_end + cs)
                         j += 1
-                    await self.source.pwrite(host, view[pos - offset:run_end - offset])
+                    await door.pwrite(host, view[pos - offset:run_end - offset])
                     pos, l2i = run_end, j
                     continue
                 # Allocate fresh clusters for a run of clusters that need them.
@@ -492,29 +316,23 @@ class Qcow2Image(SourceBacked, BlockLayer):
                     run_end = min(table_end, run_end + cs)
                     j += 1
                 first_ci = pos >> cb
-                want = ((run_end - 1) >> cb) - first_ci + 1
-                start, got = await self.refcounts.allocate(want)
-                self.unsynced_allocations = True
+                start, got = await m.allocate_data(((run_end - 1) >> cb) - first_ci + 1)
                 stop = min(run_end, (first_ci + got) << cb)
                 buf = await self._full_clusters(table, l2i, pos, stop,
                                                 view[pos - offset:stop - offset])
                 host = start << cb
-                if any(self.is_metadata(host + (k << cb)) for k in range(got)):
-                    raise ImageCorruptError(
-                        f"{self.name}: allocator returned a metadata cluster at {host:#x}")
                 try:
-                    await self.source.pwrite(host, buf)
+                    await door.pwrite(host, buf)
                 except BaseException:
                     # Nothing references the new clusters yet: give them back
                     # (on a full disk, leaking them would keep it full).
                     await self.refcounts.update(start, got, -1)
-                    await self.source.punch_hole(host, got << cb)
+                    await door.punch_hole(host, got << cb)
                     raise
-                self.file_size = max(self.file_size, host + len(buf))
                 for k in range(got):
-                    self._drop_reference(table[l2i + k])
+                    m.drop_reference(table[l2i + k])
                     table[l2i + k] = (host + (k << cb)) | OFLAG_COPIED
-                self.l2_cache.mark_dirty(table_offset(self, l1i), table)
+                m.touch(l1i, table)  # written back after the data and refcounts are durable
                 pos, l2i = stop, l2i + got
 
     def _writable_in_place(self, e: int, ci: int) -> bool:
@@ -523,7 +341,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
         if e & L2E_RESERVED_MASK:
             raise ImageCorruptError(f"{self.name}: L2 entry for cluster {ci} has reserved bits set")
         host = e & L2E_OFFSET_MASK
-        if not host or self.is_metadata(host):
+        if not host or self.map.is_metadata(host):
             raise ImageCorruptError(
                 f"{self.name}: data cluster {ci} maps to metadata at {host:#x}; refusing to write")
         return True
@@ -534,7 +352,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
         start = pos & ~(cs - 1)
         buf = bytearray(cs)
         buf[pos - start:pos - start + len(piece)] = piece
-        await self.source.pwrite(e & L2E_OFFSET_MASK, buf)
+        await self.barrier.pwrite(e & L2E_OFFSET_MASK, buf)
 
     async def _full_clusters(self, table: array[int], l2i: int, pos: int, stop: int,
                              piece: memoryview) -> bytes | bytearray | memoryview:
@@ -558,7 +376,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
 
     async def _old_cluster(self, e: int, guest: int) -> bytes:
         """The current content of one cluster, wherever it comes from."""
-        kind, host = self._classify(e, guest >> self.cb)
+        kind, host = self.map.classify(e, guest >> self.cb)
         if kind == DATA:
             return await self.source.pread(host, self.cs)
         if kind == ZERO:
@@ -568,43 +386,14 @@ class Qcow2Image(SourceBacked, BlockLayer):
         length = min(self.cs, self.size - guest)
         return await self.read_below(guest, length) + bytes(self.cs - length)
 
-    def _drop_reference(self, e: int) -> None:
-        """Schedule the release of whatever an L2 entry being replaced pointed to."""
-        if e & OFLAG_COMPRESSED:
-            first, count = self.compressed_clusters(e)
-            self._schedule_free(first, count, False)
-        elif e & L2E_OFFSET_MASK:
-            self._schedule_free((e & L2E_OFFSET_MASK) >> self.cb, 1, True)
-
-    def _schedule_free(self, cluster: int, count: int, punch: bool) -> None:
-        self.pending_frees.append((cluster, count, punch, self.epoch))
-        self.epoch += 1  # reads starting from now on cannot map the dropped cluster
-
-    @contextmanager
-    def reading(self) -> Iterator[None]:
-        """Mark a read in progress: clusters it may have mapped stay unreleased."""
-        epoch = self.epoch
-        active = self.active_reads
-        active[epoch] = active.get(epoch, 0) + 1
-        try:
-            yield
-        finally:
-            left = active[epoch] - 1
-            if left:
-                active[epoch] = left
-            else:
-                del active[epoch]
-
     async def _mark_corrupt(self) -> None:
         """Set the corrupt bit and stop writing, as QEMU does on finding
         metadata it must not trust: the image needs a check before reuse."""
         h = self.header
         if self.writable and h.version >= 3:
-            h.incompatible_features |= fmt.INCOMPAT_CORRUPT
             try:
-                await self.source.pwrite(fmt.OFF_INCOMPATIBLE,
-                                         h.incompatible_features.to_bytes(8, "big"))
-                await self.source.flush()
+                await self.headers.set_incompatible(
+                    h.incompatible_features | fmt.INCOMPAT_CORRUPT)
             except OSError:
                 pass
         self.writable = False
@@ -617,94 +406,28 @@ class Qcow2Image(SourceBacked, BlockLayer):
         """
         self._require_writable()
         async with self.lock:
-            await self._unmap_locked(clusters)
+            await self.map.unmap(clusters)
 
     async def unmap_all(self) -> int:
         """Make every data and zero cluster unallocated; returns how many."""
         self._require_writable()
         async with self.lock:
             clusters = await self.allocated_clusters() + await self.allocated_clusters(zero=True)
-            await self._unmap_locked(clusters)
+            await self.map.unmap(clusters)
             return len(clusters)
 
-    async def _unmap_locked(self, clusters: list[int]) -> None:
-        for ci in sorted(clusters):
-            l1i, l2i = divmod(ci, self.l2_entries)
-            table = await self._l2_table(l1i)
-            if table is None or not table[l2i]:
-                continue
-            _, table = await self._l2_table_for_write(l1i)
-            self._drop_reference(table[l2i])
-            table[l2i] = 0
-            self.l2_cache.mark_dirty(table_offset(self, l1i), table)
-
-    async def allocated_clusters(self, *, zero: bool = False) -> list[int]:
-        """Guest clusters with data in this image (with ``zero``: zero clusters)."""
-        out: list[int] = []
-        per = self.l2_entries
-        for l1i in range(len(self.l1)):
-            table = await self._l2_table(l1i)
-            if table is None:
-                continue
-            base = l1i * per
-            step = 2 if self.extended else 1
-            if zero:
-                out.extend(base + i for i in range(len(table)) if table[i] & OFLAG_ZERO
-                           and not table[i] & OFLAG_COMPRESSED and not self.extended)
-                continue
-            out.extend(base + i // step for i in range(0, len(table), step)
-                       if table[i] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED)
-                       and not table[i] & OFLAG_ZERO)
-        return out
-
     async def grow(self, new_size: int) -> None:
-        """Enlarge the virtual disk, moving the L1 table if it must grow.
-
-        The new L1 table is written and made durable before the header points
-        to it; the old one is freed only after that.
-        """
+        """Enlarge the virtual disk (:meth:`ClusterMap.grow`)."""
         self._require_writable()
         if new_size < self.size:
             raise UnsupportedFeatureError(f"{self.name}: shrinking is not supported")
         async with self.lock:
-            await self.flush_locked()
-            need = -(-new_size // (self.cs * self.l2_entries))
-            if need * 8 > fmt.MAX_L1_BYTES:
-                raise UnsupportedFeatureError(f"{self.name}: {new_size} bytes needs an L1 "
-                                              "table over 32 MiB; use larger clusters")
-            h = self.header
-            old_off, old_clusters = h.l1_table_offset, -(-h.l1_size * 8 // self.cs)
-            if need > h.l1_size:
-                n_clusters = -(-need * 8 // self.cs)
-                start, got = await self.refcounts.allocate(n_clusters)
-                while got < n_clusters:  # need a contiguous run: give back and retry further on
-                    await self.refcounts.update(start, got, -1)
-                    self.refcounts.free_hint = start + got
-                    start, got = await self.refcounts.allocate(n_clusters)
-                new_l1 = array("Q", self.l1)
-                new_l1.extend([0] * (n_clusters * self.cs // 8 - len(new_l1)))
-                await self.source.pwrite(start << self.cb, encode_u64(new_l1))
-                await self.source.flush()
-                self.l1 = new_l1[:need]
-                h.l1_size, h.l1_table_offset = need, start << self.cb
-            h.size = new_size
-            await self.source.pwrite(24, new_size.to_bytes(8, "big"))
-            await self.source.pwrite(fmt.OFF_L1_SIZE, h.l1_size.to_bytes(4, "big")
-                                     + h.l1_table_offset.to_bytes(8, "big"))
-            await self.source.flush()
-            if h.l1_table_offset != old_off and old_clusters:
-                await self.refcounts.update(old_off >> self.cb, old_clusters, -1)
-                await self.source.flush()
+            await self.map.grow(new_size)
 
     async def rewrite_header(self) -> None:
         """Rewrite the header cluster from ``self.header`` (extensions kept)."""
         self._require_writable()
-        h = self.header
-        h.refcount_table_offset = self.refcounts.table_offset
-        h.refcount_table_clusters = len(self.refcounts.table) * 8 // self.cs
-        data = fmt.serialize_header(h)
-        await self.source.pwrite(0, data)
-        await self.source.flush()
+        await self.headers.rewrite()
 
     # -- zeroing and discard ---------------------------------------------------
 
@@ -738,40 +461,12 @@ class Qcow2Image(SourceBacked, BlockLayer):
                     await self._write(a, memoryview(bytes(b - a)))
         if first >= last:
             return
-        v3 = self.header.version >= 3
-        if not v3 and self.has_backing:
+        if self.header.version < 3 and self.has_backing:
             if not discard:
                 await self._write_zero_bytes(first, last)
             return
-        per, cb = self.l2_entries, self.cb
-        pos = first
-        while pos < last:
-            l1i, l2i = divmod(pos >> cb, per)
-            stop = min(last, (l1i + 1) * per * cs)
-            if self.l1[l1i] & L1E_OFFSET_MASK == 0 and not v3:
-                pos = stop  # v2 without backing: unallocated already reads zeros
-                continue
-            if self.l1[l1i] & L1E_OFFSET_MASK == 0 and not self.has_backing:
-                pos = stop  # nothing allocated, nothing below: already zeros
-                continue
-            _, table = await self._l2_table_for_write(l1i)
-            while pos < stop:
-                e = table[l2i]
-                keep = (not may_unmap and not discard and v3 and e & OFLAG_COPIED
-                        and not e & OFLAG_COMPRESSED and e & L2E_OFFSET_MASK)
-                if keep:
-                    new = e | OFLAG_ZERO
-                else:
-                    new = OFLAG_ZERO if v3 and (self.has_backing or not discard) else 0
-                    if new == OFLAG_ZERO and not self.has_backing and not e:
-                        new = 0  # unallocated without backing already reads zeros
-                if new != e:
-                    if not keep:
-                        self._drop_reference(e)
-                    table[l2i] = new
-                    self.l2_cache.mark_dirty(table_offset(self, l1i), table)
-                pos += cs
-                l2i += 1
+        await self.map.zero_clusters(first, last, may_unmap=may_unmap, discard=discard,
+                                     has_backing=self.has_backing)
 
     async def _reads_zero(self, offset: int, length: int) -> bool:
         runs = await self.map_range(offset, length)
@@ -793,28 +488,8 @@ class Qcow2Image(SourceBacked, BlockLayer):
             await self.flush_locked()
 
     async def flush_locked(self) -> None:
-        """Make everything durable, in the order the module docstring gives."""
-        src = self.source
-        await src.flush()
-        self.unsynced_allocations = False
-        if self.l2_cache.dirty:
-            await self.l2_cache.flush()
-            await src.flush()
-        if self.l1_dirty:
-            for lo, hi in _ranges(sorted(self.l1_dirty)):
-                data = encode_u64(self.l1[lo:hi + 1])
-                await src.pwrite(self.header.l1_table_offset + 8 * lo, data)
-            self.l1_dirty.clear()
-            await src.flush()
-        oldest_read = min(self.active_reads, default=self.epoch)
-        frees = [f for f in self.pending_frees if f[3] < oldest_read]
-        if frees:
-            self.pending_frees = [f for f in self.pending_frees if f[3] >= oldest_read]
-            for cluster, count, punch, _ in frees:
-                await self.refcounts.update(cluster, count, -1)
-                if punch and await self.refcounts.get(cluster) == 0:
-                    await src.punch_hole(cluster << self.cb, count << self.cb)
-            await src.flush()
+        """Make everything durable (the cluster map orders the steps)."""
+        await self.map.flush()
 
     async def close(self) -> None:
         if self.closed:
@@ -827,27 +502,3 @@ class Qcow2Image(SourceBacked, BlockLayer):
             await self.source.close()
             if self.backing_ref is not None:
                 await self.backing_ref.release()  # closes it if nobody else reads it
-
-
-def table_offset(img: Qcow2Image, l1i: int) -> int:
-    return int(img.l1[l1i]) & L1E_OFFSET_MASK
-
-
-def _append(out: list[Mapping], kind: int, guest: int, length: int, host: int) -> None:
-    if out:
-        pk, pg, pl, ph = out[-1]
-        if pk == kind and pg + pl == guest and kind != COMPRESSED and \
-                (ph + pl == host if kind in (DATA, ZERO) and (ph or host) else True):
-            out[-1] = (pk, pg, pl + length, ph)
-            return
-    out.append((kind, guest, length, host))
-
-
-def _ranges(indices: list[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for i in indices:
-        if out and out[-1][1] == i - 1:
-            out[-1] = (out[-1][0], i)
-        else:
-            out.append((i, i))
-    return out

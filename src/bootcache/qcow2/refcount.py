@@ -1,12 +1,13 @@
 """Refcounts and cluster allocation.
 
 Refcount changes are written through to the file at once (only the bytes of
-the changed entries), so an allocation is on disk before any L2 entry that
-uses it can be: the image layer flushes the file before writing back L2
-tables. Decrements go the other way round: the image layer applies them only
-after the L2 tables that dropped the references are durable. A crash at any
-moment therefore leaves at worst leaked clusters, never a cluster that is
-referenced but free.
+the changed entries), through the sync barrier the refcounts own
+(:attr:`Refcounts.barrier`). Anything that comes to rely on an allocation
+(an L2 table, the L1 table, the header) depends on that barrier and reaches
+the disk only after the increment is durable. Decrements go the other way
+round: the free queue applies them only once nothing on disk points to the
+clusters. A crash at any moment therefore leaves at worst leaked clusters,
+never a cluster that is referenced but free.
 """
 
 from __future__ import annotations
@@ -15,27 +16,29 @@ from array import array
 from collections.abc import Callable
 
 from bootcache.errors import ImageCorruptError, ImageFormatError
-from bootcache.qcow2.format import MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE, REFT_RESERVED_MASK
+from bootcache.qcow2.barrier import SyncBarrier
+from bootcache.qcow2.format import MAX_REFTABLE_BYTES, REFT_RESERVED_MASK
+from bootcache.qcow2.header import HeaderWriter
 from bootcache.qcow2.tables import RefBlock, SparseTable, TableCache, encode_u64
-from bootcache.sources.base import ByteSource
 
 
 class Refcounts:
     """The refcount table, a cache of refcount blocks, and the allocator."""
 
-    def __init__(self, source: ByteSource, *, cluster_bits: int, refcount_bits: int,
-                 table_offset: int, table: SparseTable, file_size: int,
+    def __init__(self, headers: HeaderWriter, table: SparseTable, *,
                  cache_bytes: int = 4 << 20, name: str = "image") -> None:
-        self.source = source
+        self.headers = headers
+        #: The sync point of refcount changes, and the door of every engine write.
+        self.barrier: SyncBarrier = headers.barrier
+        self.source = headers.barrier.source
         self.name = name
-        self.cluster_bits = cluster_bits
-        self.cs = 1 << cluster_bits
-        self.bits = refcount_bits
-        self.per_block = self.cs * 8 // refcount_bits
-        self.table_offset = table_offset
+        self.cluster_bits = headers.header.cluster_bits
+        self.cs = 1 << self.cluster_bits
+        self.bits = headers.header.refcount_bits
+        self.per_block = self.cs * 8 // self.bits
         self.table = table
+        #: Offsets of the refcount blocks (an index of ``table``, for overlap checks).
         self.block_set = set(table.nonzero())
-        self.file_size = file_size
         self.cache: TableCache[RefBlock] = TableCache(
             cache_bytes // self.cs, self._load_block, self._never_dirty)
         #: Every cluster below this index was seen in use; allocation scans from here.
@@ -44,14 +47,16 @@ class Refcounts:
         self.in_use: Callable[[int], bool] | None = None
 
     @classmethod
-    async def load(cls, source: ByteSource, *, cluster_bits: int, refcount_bits: int,
-                   table_offset: int, table_clusters: int, file_size: int,
-                   name: str = "image") -> Refcounts:
-        raw = await source.pread(table_offset, table_clusters << cluster_bits)
-        return cls(source, cluster_bits=cluster_bits, refcount_bits=refcount_bits,
-                   table_offset=table_offset, table=SparseTable.decode(raw),
-                   file_size=file_size,
-                   name=name)
+    async def load(cls, headers: HeaderWriter, *, name: str = "image") -> Refcounts:
+        h = headers.header
+        raw = await headers.barrier.source.pread(
+            h.refcount_table_offset, h.refcount_table_clusters << h.cluster_bits)
+        return cls(headers, SparseTable.decode(raw), name=name)
+
+    @property
+    def table_offset(self) -> int:
+        """Where the refcount table lies (the header owns that fact)."""
+        return self.headers.header.refcount_table_offset
 
     # -- blocks ---------------------------------------------------------------
 
@@ -65,7 +70,8 @@ class Refcounts:
         return off
 
     async def _load_block(self, offset: int) -> RefBlock:
-        if offset < self.cs or offset + self.cs > max(self.file_size, await self.source.size()):
+        if offset < self.cs or \
+                offset + self.cs > max(self.barrier.file_size, await self.source.size()):
             raise ImageCorruptError(
                 f"{self.name}: refcount block at {offset:#x} lies outside the image")
         return RefBlock(await self.source.pread(offset, self.cs), self.bits)
@@ -114,7 +120,7 @@ class Refcounts:
                 blk.set(i, v)
             lo, data = blk.byte_span(i0, i1 - 1)
             try:
-                await self.source.pwrite(self._block_offset(b) + lo, data)
+                await self.barrier.pwrite(self._block_offset(b) + lo, data)
             except BaseException:
                 # Keep memory equal to the disk (e.g. on ENOSPC).
                 for i, v in zip(range(i0, i1), old, strict=True):
@@ -177,12 +183,11 @@ class Refcounts:
         blk.set(slot - first, 1)
         off = slot << self.cluster_bits
         # The block must be on disk before the table entry that points to it.
-        await self.source.pwrite(off, blk.tobytes())
-        await self.source.flush()
+        await self.barrier.pwrite(off, blk.tobytes())
+        await self.barrier.sync()
         self.table[b] = off
         self.block_set.add(off)
-        await self.source.pwrite(self.table_offset + 8 * b, off.to_bytes(8, "big"))
-        self.file_size = max(self.file_size, off + self.cs)
+        await self.barrier.pwrite(self.table_offset + 8 * b, off.to_bytes(8, "big"))
         await self.cache.put(off, blk, dirty=False)
         return blk
 
@@ -215,17 +220,15 @@ class Refcounts:
             for i in range(covered):
                 blk.set(i, 1)
             off = (start + k) << self.cluster_bits
-            await self.source.pwrite(off, blk.tobytes())
+            await self.barrier.pwrite(off, blk.tobytes())
             new_table[start // self.per_block + k] = off
             self.block_set.add(off)
             await self.cache.put(off, blk, dirty=False)
         table_off = (start + nblocks) << self.cluster_bits
-        await self.source.pwrite(table_off, encode_u64(new_table))
-        await self.source.flush()
-        hdr = table_off.to_bytes(8, "big") + t_clusters.to_bytes(4, "big")
-        await self.source.pwrite(OFF_REFCOUNT_TABLE, hdr)
-        await self.source.flush()
+        await self.barrier.pwrite(table_off, encode_u64(new_table))
         old_off, old_clusters = self.table_offset, -(-old_n * 8 // self.cs)
-        self.table, self.table_offset = SparseTable(new_table), table_off
-        self.file_size = max(self.file_size, (start + used) << self.cluster_bits)
+        # The header writer syncs the new table and blocks before pointing to
+        # them; its in-memory fields switch at once, together with ours.
+        self.table = SparseTable(new_table)
+        await self.headers.set_refcount_table(table_off, t_clusters)
         await self.update(old_off >> self.cluster_bits, old_clusters, -1)

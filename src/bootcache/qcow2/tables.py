@@ -2,8 +2,10 @@
 
 L2 tables and refcount blocks are loaded on demand and kept in one generic
 LRU cache each (as QEMU does), so memory stays bounded whatever the image
-size. A dirty table is written back on eviction through a callback that
-enforces the write ordering the caller needs.
+size. A cache may depend on a :class:`SyncBarrier`: a table marked dirty
+records the last write completed at that moment, and is written back (on
+eviction or flush) only once the barrier made that write durable. No caller
+can forget it: it is the only way a dirty table leaves the cache.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, TypeVar
+
+from bootcache.qcow2.barrier import SyncBarrier
 
 _LITTLE = sys.byteorder == "little"
 
@@ -177,23 +181,30 @@ class TableCache(Generic[T]):
     """A bounded LRU cache of decoded tables keyed by file offset.
 
     ``load(offset)`` reads and decodes a table; ``writeback(offset, table)``
-    writes a dirty one (the caller's callback enforces ordering, e.g. "sync
-    refcounts before any L2 table reaches the disk").
+    writes a dirty one, after ``depends_on`` made durable every write the
+    table's changes may rely on.
     """
 
     def __init__(self, capacity: int, load: Callable[[int], Awaitable[T]],
-                 writeback: Callable[[int, T], Awaitable[None]]) -> None:
+                 writeback: Callable[[int, T], Awaitable[None]],
+                 depends_on: SyncBarrier | None = None) -> None:
         self.capacity = max(capacity, 4)
         self._load = load
         self._writeback = writeback
+        self._depends_on = depends_on
         self._tables: OrderedDict[int, T] = OrderedDict()
-        self.dirty: set[int] = set()
+        #: Dirty tables: offset -> the barrier write number they rely on.
+        self.dirty: dict[int, int] = {}
 
     def __contains__(self, offset: int) -> bool:
         return offset in self._tables
 
-    def peek(self, offset: int) -> T | None:
-        return self._tables.get(offset)
+    def lookup(self, offset: int) -> T | None:
+        """The table if cached (as recently used), else None; never loads."""
+        table = self._tables.get(offset)
+        if table is not None:
+            self._tables.move_to_end(offset)
+        return table
 
     async def get(self, offset: int) -> T:
         table = self._tables.get(offset)
@@ -213,7 +224,7 @@ class TableCache(Generic[T]):
         self._tables[offset] = table
         self._tables.move_to_end(offset)
         if dirty:
-            self.dirty.add(offset)
+            self._note_dirty(offset)
         await self._shrink()
 
     def mark_dirty(self, offset: int, table: T) -> None:
@@ -225,27 +236,46 @@ class TableCache(Generic[T]):
         """
         self._tables[offset] = table
         self._tables.move_to_end(offset)
-        self.dirty.add(offset)
+        self._note_dirty(offset)
+
+    def _note_dirty(self, offset: int) -> None:
+        needed = self._depends_on.written if self._depends_on is not None else 0
+        self.dirty[offset] = max(needed, self.dirty.get(offset, 0))
 
     def drop(self, offset: int) -> None:
         """Forget a table (its cluster was freed); a dirty copy is discarded."""
         self._tables.pop(offset, None)
-        self.dirty.discard(offset)
+        self.dirty.pop(offset, None)
+
+    async def _write_back(self, offset: int) -> None:
+        """Write one dirty table once what it relies on is durable."""
+        while offset in self.dirty:
+            needed = self.dirty[offset]
+            if self._depends_on is not None:
+                await self._depends_on.sync_to(needed)
+            if self.dirty.get(offset) != needed:
+                continue  # changed again while syncing: it may rely on more now
+            del self.dirty[offset]  # a change during the write marks it dirty again
+            try:
+                await self._writeback(offset, self._tables[offset])
+            except BaseException:
+                self.dirty[offset] = max(needed, self.dirty.get(offset, 0))
+                raise
 
     async def flush(self) -> None:
         """Write back every dirty table, in offset order."""
-        for offset in sorted(self.dirty):
-            await self._writeback(offset, self._tables[offset])
-        self.dirty.clear()
+        while self.dirty:
+            await self._write_back(min(self.dirty))
 
     async def _shrink(self) -> None:
         while len(self._tables) > self.capacity:
             victim = next((o for o in self._tables if o not in self.dirty), None)
             if victim is None:
                 victim = next(iter(self._tables))
-                await self._writeback(victim, self._tables[victim])
-                self.dirty.discard(victim)
-            del self._tables[victim]
+                await self._write_back(victim)
+                if victim in self.dirty:
+                    continue  # modified during the write-back: keep it
+            self._tables.pop(victim, None)
 
     def clear(self) -> None:
         self._tables.clear()
