@@ -117,16 +117,21 @@ class ClusterMap:
             return await self.l2_cache.get(off)
         cluster, _ = await self.refcounts.allocate(1)
         new_off = cluster << self.cb
-        if off:
-            table = array("Q", await self.l2_cache.get(off))
+        table = array("Q", await self.l2_cache.get(off)) if off else array("Q", bytes(self.cs))
+        # Write the new table at once, so that no refcount ever covers a
+        # cluster past the end of the file.
+        try:
+            await self.barrier.pwrite(new_off, encode_u64(table))
+        except BaseException:
+            # Nothing references it yet: give it back, or a full disk would
+            # leak a cluster for every write that failed.
+            await self.refcounts.update(cluster, 1, -1)
+            await self.barrier.punch_hole(new_off, self.cs)
+            raise
+        if off:  # the shared table is copied: it can go once nothing points to it
             self.l2_cache.drop(off)
             self.l2_offsets.discard(off)
             self.frees.push(off >> self.cb, 1, punch=False)
-        else:
-            table = array("Q", bytes(self.cs))
-        # Write the new table at once, so that no refcount ever covers a
-        # cluster past the end of the file.
-        await self.barrier.pwrite(new_off, encode_u64(table))
         self.l2_offsets.add(new_off)
         await self.l2_cache.put(new_off, table, dirty=True)
         self._set_l1(l1i, new_off | OFLAG_COPIED)
