@@ -130,7 +130,7 @@ async def pull(src: str, cache: str, *, base: str | None = None,
                 await downloader
         except BaseException as e:
             if remote and isinstance(e, ImageFormatError | ImageCorruptError):
-                os.ftruncate(part_fd, 0)  # a corrupt download is not resumed: start over
+                os.unlink(part_path)  # a corrupt download is not resumed: start over
             if downloader is not None:
                 downloader.cancel()
                 with contextlib.suppress(BaseException):
@@ -143,7 +143,7 @@ async def pull(src: str, cache: str, *, base: str | None = None,
         os.close(part_fd)
         if src_fd >= 0:
             os.close(src_fd)
-        if not remote and os.path.exists(part_path) and os.path.getsize(part_path) == 0:
+        if os.path.exists(part_path) and os.path.getsize(part_path) == 0:  # nothing to resume
             os.unlink(part_path)
         if source is not None:
             await source.close()
