@@ -19,9 +19,10 @@ from collections import deque
 from bootcache.errors import BootcacheError, SourceError
 from bootcache.sources.base import ByteSource
 
-#: One download request (the source splits it into parallel ranged requests).
-_CHUNK = 16 << 20
-_CHUNKS_IN_FLIGHT = 2
+#: Download requests: small enough that the work on arrived bytes (decompressing,
+#: writing) overlaps the transfer, enough in flight to fill a fast link.
+_CHUNK = 1 << 20
+_CHUNKS_IN_FLIGHT = 3
 
 
 class ArtifactBytes:
@@ -72,11 +73,13 @@ async def first_cluster(source: ByteSource, size: int) -> bytes:
 
 def resume_point(fd: int, first: bytes, size: int) -> int:
     """How much of a partial download can be kept: all of it when it starts with
-    the artifact's header cluster, else nothing."""
+    the artifact's header cluster; else it starts over from that cluster (which
+    the caller has read already)."""
     have = os.fstat(fd).st_size
     if have < len(first) or have > size or os.pread(fd, len(first), 0) != first:
         os.ftruncate(fd, 0)
-        return 0
+        os.pwrite(fd, first, 0)
+        return len(first)
     return have
 
 

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import logging
 import os
 import struct
 import tempfile
@@ -45,6 +46,7 @@ from bootcache.qcow2.compress import decompress_cluster
 from bootcache.qcow2.digest_ext import ContentHasher
 from bootcache.sources.base import ByteSource
 
+log = logging.getLogger("bootcache.publish")
 _BATCH_BYTES = 1 << 20
 _HASH_STEP = 8 << 20
 
@@ -114,23 +116,29 @@ async def pull(src: str, cache: str, *, base: str | None = None,
         first = first[:art.cs]
         base_name = base or art.header.backing_file
         assert base_name is not None
-        await check_base(art, base_name, cache_dir, src)
         if remote:
             assert source is not None
-            resumed = fetch.resume_point(part_fd, first, size)
-            stream = fetch.ArtifactBytes(part_fd, size, resumed)
+            have = fetch.resume_point(part_fd, first, size)
+            resumed = have if have > len(first) else 0
+            stream = fetch.ArtifactBytes(part_fd, size, have)
             downloader = asyncio.create_task(fetch.download(source, stream))
         else:
             resumed = 0
             stream = fetch.ArtifactBytes(src_fd, size, size)
             downloader = None
         try:
+            # The base is checked while the transfer starts: its latency is not added.
+            await check_base(art, base_name, cache_dir, src)
+            log.debug("%s: base identity matches (%.3f s)", src, time.monotonic() - began)
             clusters = await _build(art, stream, cache, base_name, threads or os.cpu_count() or 2)
             if downloader is not None:
                 await downloader
+            log.debug("%s: pulled (%.3f s)", src, time.monotonic() - began)
         except BaseException as e:
-            if remote and isinstance(e, ImageFormatError | ImageCorruptError):
-                os.unlink(part_path)  # a corrupt download is not resumed: start over
+            if remote and isinstance(e, ImageFormatError | ImageCorruptError | StaleBaseError):
+                # A corrupt download is not resumed (start over); nor is one
+                # that does not fit this node's base.
+                os.unlink(part_path)
             if downloader is not None:
                 downloader.cancel()
                 with contextlib.suppress(BaseException):
@@ -261,7 +269,9 @@ async def _build(art: Artifact, stream: fetch.ArtifactBytes, cache: str, base_na
         os.fchmod(fd, 0o644)  # as bootcache create makes images, not mkstemp's 0600
         writer = seqwrite.SequentialWriter(fd, layout)
         writer.write_metadata(seqwrite.metadata(layout))
+        log.debug("metadata read, %d data clusters; download at %d", len(dcs), stream.available)
         content = await _fill(art, stream, dcs, writer, threads)
+        log.debug("data written; download at %d of %d", stream.available, stream.size)
         file_sha = await hashing
         if file_sha != art.digest.file_sha256:
             raise ImageFormatError(
@@ -272,6 +282,7 @@ async def _build(art: Artifact, stream: fetch.ArtifactBytes, cache: str, base_na
                                    "(content_sha256); the downloaded copy is discarded")
         writer.finish()
         await asyncio.to_thread(os.fsync, fd)
+        log.debug("cache image durable")
         os.close(fd)
         fd = -1
         try:
@@ -302,12 +313,15 @@ async def _fill(art: Artifact, stream: fetch.ArtifactBytes, dcs: list[DataCluste
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="unzstd") as pool:
         pending: deque[tuple[list[DataCluster], Future[list[bytes]]]] = deque()
 
-        async def drain_one() -> None:
-            batch, fut = pending.popleft()
-            expanded: list[bytes] = await asyncio.wrap_future(fut)
+        def store(batch: list[DataCluster], expanded: list[bytes]) -> None:
             for dc, data in zip(batch, expanded, strict=True):
                 hasher.add(dc.guest * cs, data)
                 writer.write_data(data)
+
+        async def drain_one() -> None:
+            # In order, off the event loop: the download goes on meanwhile.
+            batch, fut = pending.popleft()
+            await asyncio.to_thread(store, batch, await asyncio.wrap_future(fut))
 
         for first in range(0, len(dcs), per_batch):
             batch = dcs[first:first + per_batch]
