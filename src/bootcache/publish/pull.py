@@ -48,7 +48,7 @@ from bootcache.sources.base import ByteSource
 
 log = logging.getLogger("bootcache.publish")
 _BATCH_BYTES = 1 << 20
-_HASH_STEP = 8 << 20
+_HASH_STEP = 1 << 20  # small: the hash trails the download closely
 
 
 @dataclass

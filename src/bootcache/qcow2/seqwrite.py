@@ -203,7 +203,9 @@ class SequentialWriter:
         self._observe = observe
         self._pos = 0
         self._next = 0
-        self._buf = bytearray()
+        #: Pieces not written yet (kept as given: no copy into one buffer).
+        self._pending: list[bytes | memoryview] = []
+        self._pending_bytes = 0
 
     def write_metadata(self, meta: bytes) -> None:
         assert self._pos == 0 and len(meta) == self.layout.data_start
@@ -233,16 +235,22 @@ class SequentialWriter:
     def _emit(self, data: bytes | memoryview) -> None:
         if self._observe is not None:
             self._observe(data)
-        self._buf += data
+        self._pending.append(data)
+        self._pending_bytes += len(data)
         self._pos += len(data)
-        if len(self._buf) >= 8 << 20:
+        if self._pending_bytes >= 8 << 20 or len(self._pending) >= 512:
             self._drain()
 
     def _drain(self) -> None:
-        view = memoryview(self._buf)
-        start = self._pos - len(self._buf)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], start + done)
-        view.release()
-        self._buf = bytearray()
+        at = self._pos - self._pending_bytes
+        views = [memoryview(p) for p in self._pending]
+        while views:
+            done = os.pwritev(self.fd, views, at)
+            at += done
+            while views and done >= len(views[0]):
+                done -= len(views[0])
+                views.pop(0)
+            if done:
+                views[0] = views[0][done:]
+        self._pending = []
+        self._pending_bytes = 0
