@@ -59,6 +59,9 @@ def test_publish_to_s3_and_pull_from_s3(tmp_path: Path, weed: WeedServer) -> Non
     out = json.loads(bootcache("cache", "publish", "--output", "json", cache,
                                "s3://pub/caches/boot.qcow2").stdout)
     assert out["artifact-bytes"] > 16 * MiB  # more than one part
+    proc = bootcache("cache", "publish", cache, "s3://no-such-bucket/boot.qcow2", check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "NoSuchBucket" in err and "Traceback" not in err, err
 
     async def head(c: Any) -> dict[str, Any]:
         r: dict[str, Any] = await c.head_object(Bucket="pub", Key="caches/boot.qcow2")
