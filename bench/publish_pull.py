@@ -130,6 +130,7 @@ def one_trace(name: str, base: str, trace: Trace, args: argparse.Namespace,
             "local_pull_s": local, "local_pull_median_s": statistics.median(local),
             "warm_boot_s": warm_times, "pulled_boot_s": pulled_times,
             "boot_ratio": statistics.median(pulled_times) / statistics.median(warm_times),
+            "boot_ratio_best": min(pulled_times) / min(warm_times),
             "pulled_base_bytes": base_bytes,
         }
         print(json.dumps(result), flush=True)
@@ -199,7 +200,7 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(results, indent=2))
     print()
     print("| trace | raw | published | size | pull | size/rate | pull ratio | pull, CLI wall "
-          "| local pull | warm boot | pulled boot | boot ratio | base bytes |")
+          "| local pull | warm boot | pulled boot | boot ratio (median, best) | base bytes |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['trace']} | {r['raw_bytes'] / 2**20:.1f} MiB "
@@ -208,7 +209,8 @@ def main() -> None:
               f"| {r['pull_ratio']:.2f}x | {r['pull_wall_median_s']:.3f} s "
               f"| {r['local_pull_median_s']:.3f} s "
               f"| {statistics.median(r['warm_boot_s']):.3f} s "
-              f"| {statistics.median(r['pulled_boot_s']):.3f} s | {r['boot_ratio']:.3f}x "
+              f"| {statistics.median(r['pulled_boot_s']):.3f} s "
+              f"| {r['boot_ratio']:.3f}x, {r['boot_ratio_best']:.3f}x "
               f"| {r['pulled_base_bytes']} |")
 
 
