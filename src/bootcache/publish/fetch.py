@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections import deque
 
@@ -21,8 +22,9 @@ from bootcache.sources.base import ByteSource
 
 #: Download requests: small enough that the work on arrived bytes (decompressing,
 #: writing) overlaps the transfer, enough in flight to fill a fast link.
-_CHUNK = 1 << 20
-_CHUNKS_IN_FLIGHT = 3
+log = logging.getLogger("bootcache.publish")
+_CHUNK = 512 << 10
+_CHUNKS_IN_FLIGHT = 2
 
 
 class ArtifactBytes:
@@ -99,6 +101,7 @@ async def download(source: ByteSource, into: ArtifactBytes) -> None:
             while done < len(data):
                 done += os.pwrite(into.fd, memoryview(data)[done:], at + done)
             into.advance(at + len(data))
+        log.debug("%s: downloaded", source.name)
     except (SourceError, OSError) as e:
         into.fail(e)
         raise

@@ -274,7 +274,8 @@ async def _build(art: Artifact, stream: fetch.ArtifactBytes, cache: str, base_na
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache),
                                    prefix=f".{os.path.basename(cache)}.", suffix=".tmp")
         os.fchmod(fd, 0o644)  # as bootcache create makes images, not mkstemp's 0600
-        writer = seqwrite.SequentialWriter(fd, layout)
+        # Synced as it goes: writeback overlaps the download, not the end.
+        writer = seqwrite.SequentialWriter(fd, layout, sync_every=16 << 20)
         writer.write_metadata(seqwrite.metadata(layout))
         log.debug("metadata read, %d data clusters; download at %d", len(dcs), stream.available)
         content = await _fill(art, stream, dcs, writer, threads)

@@ -197,10 +197,15 @@ class SequentialWriter:
     """
 
     def __init__(self, fd: int, layout: Layout,
-                 observe: Callable[[bytes | memoryview], None] | None = None) -> None:
+                 observe: Callable[[bytes | memoryview], None] | None = None,
+                 sync_every: int = 0) -> None:
+        """``sync_every``: make the file durable after about that many bytes,
+        as it is written (so the last sync has little left to do)."""
         self.fd = fd
         self.layout = layout
         self._observe = observe
+        self._sync_every = sync_every
+        self._unsynced = 0
         self._pos = 0
         self._next = 0
         #: Pieces not written yet (kept as given: no copy into one buffer).
@@ -252,5 +257,9 @@ class SequentialWriter:
                 views.pop(0)
             if done:
                 views[0] = views[0][done:]
+        self._unsynced += self._pending_bytes
         self._pending = []
         self._pending_bytes = 0
+        if self._sync_every and self._unsynced >= self._sync_every:
+            os.fdatasync(self.fd)
+            self._unsynced = 0
