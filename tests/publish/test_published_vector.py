@@ -17,21 +17,21 @@ from cache.conftest import REPO
 from .conftest import QEMU_IMG, bootcache, child_env, run
 
 VECTORS = REPO / "docs" / "spec" / "vectors"
+PUBLISHED = VECTORS / "published"
 EXT_DIGEST = 0x42435044
 
 
 def test_vector_is_reproducible(tmp_path: Path) -> None:
-    shutil.copy(VECTORS / "filled-lru.qcow2", tmp_path)
-    run([sys.executable, VECTORS / "make_published_vector.py", tmp_path], env=child_env())
+    run([sys.executable, PUBLISHED / "make_published_vector.py", tmp_path], env=child_env())
     assert (tmp_path / "published.qcow2").read_bytes() == \
-        (VECTORS / "published.qcow2").read_bytes()
+        (PUBLISHED / "published.qcow2").read_bytes()
     assert json.loads((tmp_path / "published.json").read_text()) == \
-        json.loads((VECTORS / "published.json").read_text())
+        json.loads((PUBLISHED / "published.json").read_text())
 
 
 def test_vector_decodes_as_the_spec_says(tmp_path: Path) -> None:
-    raw = (VECTORS / "published.qcow2").read_bytes()
-    want = json.loads((VECTORS / "published.json").read_text())
+    raw = (PUBLISHED / "published.qcow2").read_bytes()
+    want = json.loads((PUBLISHED / "published.json").read_text())
     assert len(raw) == want["file_length"] == want["digest"]["file_length"]
     # The digest extension, found by walking the header extensions.
     pos = struct.unpack_from(">I", raw, 100)[0]
@@ -54,8 +54,8 @@ def test_vector_decodes_as_the_spec_says(tmp_path: Path) -> None:
     assert file_sha.hex() == want["digest"]["file_sha256"]
     # content_sha256: guest offset and cluster content of each data cluster, in
     # guest order, with QEMU as the reader of the compressed clusters.
-    shutil.copy(VECTORS / "published.qcow2", tmp_path)
-    shutil.copy(VECTORS / "base.qcow2", tmp_path)
+    shutil.copy(PUBLISHED / "published.qcow2", tmp_path)
+    shutil.copy(VECTORS / "base.qcow2", tmp_path)  # its base, named relatively
     run([QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", tmp_path / "published.qcow2",
          tmp_path / "guest.raw"])
     guest = (tmp_path / "guest.raw").read_bytes()
@@ -75,8 +75,8 @@ def test_vector_decodes_as_the_spec_says(tmp_path: Path) -> None:
 
 
 def test_pull_refuses_the_vector_whose_base_identity_is_invented(tmp_path: Path) -> None:
-    for name in ("published.qcow2", "base.qcow2"):
-        shutil.copy(VECTORS / name, tmp_path)
+    shutil.copy(PUBLISHED / "published.qcow2", tmp_path)
+    shutil.copy(VECTORS / "base.qcow2", tmp_path)
     proc = bootcache("cache", "pull", tmp_path / "published.qcow2", tmp_path / "c.qcow2",
                      check=False)
     err = proc.stderr.decode()

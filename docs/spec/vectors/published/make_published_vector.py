@@ -1,9 +1,9 @@
 """Make the published-cache test vector of docs/spec/cache-image.md (section 13).
 
-    python docs/spec/vectors/make_published_vector.py [FOLDER]
+    python docs/spec/vectors/published/make_published_vector.py [FOLDER]
 
-Publishes filled-lru.qcow2 (made by make_vectors.py) as published.qcow2 and
-writes published.json with the fields a reader following section 13 decodes,
+Publishes ../filled-lru.qcow2 (made by make_vectors.py) as FOLDER/published.qcow2
+(default: this folder) and writes published.json with the fields a reader following section 13 decodes,
 found here with struct, straight from the spec's tables. Deterministic for a
 given zstd library (zstandard 0.25.0, level 3): running it again gives the
 same bytes.
@@ -62,7 +62,8 @@ def data_clusters(raw: bytes) -> list[dict[str, Any]]:
 
 def main(out: Path) -> None:
     art = out / "published.qcow2"
-    asyncio.run(publish(str(out / "filled-lru.qcow2"), str(art), level=3, threads=1))
+    source = Path(os.path.dirname(os.path.abspath(__file__))).parent / "filled-lru.qcow2"
+    asyncio.run(publish(str(source), str(art), level=3, threads=1))
     raw = art.read_bytes()
     exts = extensions(raw)
     digest = dict(exts)[EXT_DIGEST]
