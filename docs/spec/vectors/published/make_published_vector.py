@@ -2,9 +2,10 @@
 
     python docs/spec/vectors/published/make_published_vector.py [FOLDER]
 
-Publishes ../filled-lru.qcow2 (made by make_vectors.py) as FOLDER/published.qcow2
-(default: this folder) and writes published.json with the fields a reader following section 13 decodes,
-found here with struct, straight from the spec's tables. Deterministic for a
+Publishes ../filled-lru.qcow2 (made by make_vectors.py) as
+FOLDER/published.qcow2 (default: this folder) and writes published.json with
+the fields a reader following section 13 decodes, found here with struct,
+straight from the spec's tables. Deterministic for a
 given zstd library (zstandard 0.25.0, level 3): running it again gives the
 same bytes.
 """
