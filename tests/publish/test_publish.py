@@ -6,9 +6,11 @@ bad input is refused with nothing half-written left behind."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -252,3 +254,56 @@ def test_publish_refuses_a_cache_in_use(tmp_path: Path, warm_cache: tuple[Path, 
     err = proc.stderr.decode()
     assert proc.returncode == 1 and "lock" in err.lower(), err
     assert not (tmp_path / "a.qcow2").exists()
+
+
+def reseal(path: Path) -> None:
+    """Recompute an artifact's file_sha256 after editing it, so that only the
+    reader's other checks can catch the edit."""
+    raw = bytearray(path.read_bytes())
+    digest = header_facts(path)["extensions"][EXT_DIGEST]
+    at = bytes(raw).index(digest) + 24
+    raw[at:at + 32] = bytes(32)
+    raw[at:at + 32] = hashlib.sha256(bytes(raw)).digest()
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("edit", ["zero-flag", "over-quota", "content", "moved", "backwards"])
+def test_pull_refuses_a_resealed_artifact(tmp_path: Path, warm_cache: tuple[Path, bytes],
+                                          edit: str) -> None:
+    """Edits whose file digest was recomputed: the structure checks and the
+    content digest still refuse them."""
+    cache, _ = warm_cache
+    art = tmp_path / "published.qcow2"
+    bootcache("cache", "publish", cache, art)
+    raw = bytearray(art.read_bytes())
+    l1 = int.from_bytes(raw[40:48], "big")
+    l2 = int.from_bytes(raw[l1:l1 + 8], "big") & 0x00FFFFFFFFFFFE00
+    entry = l2 + 8 * 17  # guest cluster 17, cached
+    if edit == "zero-flag":
+        raw[entry:entry + 8] = (1 | 1 << 63 | 0x10000).to_bytes(8, "big")
+        expect = "not a data cluster"
+    elif edit == "over-quota":
+        ext = header_facts(art)["extensions"][EXT_CACHE]
+        at = bytes(raw).index(ext) + 8
+        raw[at:at + 8] = (CLUSTER).to_bytes(8, "big")  # quota: one cluster
+        expect = "over its quota"
+    elif edit == "content":
+        e = int.from_bytes(raw[entry:entry + 8], "big")
+        host = e & ((1 << 54) - 1)
+        raw[host + 20] ^= 0x01  # inside the zstd frame of cluster 17
+        expect = "compressed cluster|content_sha256"
+    elif edit == "moved":  # cluster 17's data now claims to be cluster 16's (not cached)
+        raw[entry:entry + 8], raw[entry - 8:entry] = raw[entry - 8:entry], raw[entry:entry + 8]
+        expect = "content_sha256"
+    else:  # clusters 17 and 18 swap their data: 18's now lies before 17's
+        raw[entry:entry + 8], raw[entry + 8:entry + 16] = \
+            raw[entry + 8:entry + 16], raw[entry:entry + 8]
+        expect = "out of order"
+    art.write_bytes(bytes(raw))
+    reseal(art)
+    pulled = tmp_path / "pulled.qcow2"
+    proc = bootcache("cache", "pull", art, pulled, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and re.search(expect, err), err
+    assert "Traceback" not in err
+    assert not pulled.exists() and leftovers(tmp_path) == []
