@@ -23,7 +23,7 @@ from typing import Any
 
 from bootcache.errors import BootcacheError, ImageFormatError
 from bootcache.layers.cache import read_extension
-from bootcache.layers.uri import source_kind
+from bootcache.layers.uri import file_path, source_kind
 from bootcache.publish.artifact import NOT_COPIED
 from bootcache.qcow2 import format as fmt
 from bootcache.qcow2 import seqwrite
@@ -72,6 +72,8 @@ async def publish(cache_path: str, dest: str, *, level: int = DEFAULT_LEVEL,
     kind = source_kind(dest)
     if kind not in ("file", "s3"):
         raise BootcacheError(f"{dest}: publish writes to a path or an s3:// URL")
+    if kind == "file":
+        dest = file_path(dest)  # a file:// URI names a path
     # The daemon holds a served cache for writing and does not share it with a
     # reader that wants it unchanged: publishing a cache in use is refused.
     source = FileSource(cache_path)
