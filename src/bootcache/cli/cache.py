@@ -157,3 +157,14 @@ def stats(output: str, filename: str) -> None:
 
 
 COMMANDS = [cache]
+
+
+def _add_publishing() -> None:
+    # In their own module: publishing pulls in the S3 and compression code.
+    from bootcache.cli.publish import publish, pull
+
+    cache.add_command(publish)
+    cache.add_command(pull)
+
+
+_add_publishing()

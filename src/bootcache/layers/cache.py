@@ -45,6 +45,20 @@ def read_extension(img: Qcow2Image) -> CacheExtension | None:
     return CacheExtension.decode(ext.data) if ext else None
 
 
+async def base_identity(base: BlockLayer) -> dict[str, Any]:
+    """The identity a cache records of ``base`` (spec section 5): its source's
+    facts plus a hash of sampled blocks."""
+    ident = dict(base.identity())
+    size = base.size
+    h = hashlib.sha256(str(size).encode())
+    step = max(size // _SAMPLES, 1)
+    for off in range(0, size, step):
+        h.update(await base.pread(off, min(_SAMPLE_BYTES, size - off)))
+    ident["virtual_size"] = size
+    ident["content_sha256"] = h.hexdigest()
+    return ident
+
+
 class CacheLayer(BlockLayer):
     """A read-only view of a base, filling a cache image on the way."""
 
@@ -160,15 +174,7 @@ class CacheLayer(BlockLayer):
 
     async def base_identity(self) -> dict[str, Any]:
         """Identity of the base: its source's facts plus a hash of sampled blocks."""
-        ident = dict(self.base.identity())
-        size = self.base.size
-        h = hashlib.sha256(str(size).encode())
-        step = max(size // _SAMPLES, 1)
-        for off in range(0, size, step):
-            h.update(await self.base.pread(off, min(_SAMPLE_BYTES, size - off)))
-        ident["virtual_size"] = size
-        ident["content_sha256"] = h.hexdigest()
-        return ident
+        return await base_identity(self.base)
 
     async def _revalidate(self) -> None:
         # Zero clusters are never written by a cache: they can only hide base data.

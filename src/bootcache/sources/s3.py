@@ -81,6 +81,39 @@ _FAILURES = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
              aiohttp.ClientError)
 
 
+async def open_client(url: str, stack: contextlib.AsyncExitStack, options: RemoteOptions, *,
+                      endpoint_url: str | None = None, region: str | None = None,
+                      profile: str | None = None, anonymous: bool = False,
+                      addressing_style: str | None = None) -> Any:
+    """An S3 client made the SDK way (see the module's docstring), closed with
+    ``stack``; retries are left to the caller."""
+    session = AioSession(profile=profile)
+    s3_config: dict[str, Any] = {}
+    if addressing_style:
+        s3_config["addressing_style"] = addressing_style
+    config = AioConfig(
+        connect_timeout=options.connect_timeout, read_timeout=options.timeout,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        max_pool_connections=options.concurrency, s3=s3_config or None,
+        signature_version=UNSIGNED if anonymous else None)
+    region = region or os.environ.get("AWS_REGION") or None
+    try:
+        return await stack.enter_async_context(session.create_client(
+            "s3", region_name=region, endpoint_url=endpoint_url, config=config))
+    except _FAILURES as e:
+        await stack.aclose()
+        raise SourceError(f"{url}: cannot create an S3 client: {describe(e)}") from e
+
+
+def translate_error(name: str, what: str, e: Exception) -> SourceError:
+    """A botocore/aiohttp failure as transient (worth a retry) or permanent."""
+    return _translate(name, what, e)
+
+
+#: What botocore and aiohttp raise when a request fails.
+FAILURES = _FAILURES
+
+
 class S3Source(RemoteSource):
     """A read-only S3 object; open with :meth:`open`."""
 
@@ -107,23 +140,10 @@ class S3Source(RemoteSource):
         """Create a client the SDK way, HeadObject the key, and return the source."""
         opts = options or RemoteOptions()
         parse_s3_url(url)
-        session = AioSession(profile=profile)
-        s3_config: dict[str, Any] = {}
-        if addressing_style:
-            s3_config["addressing_style"] = addressing_style
-        config = AioConfig(
-            connect_timeout=opts.connect_timeout, read_timeout=opts.timeout,
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            max_pool_connections=opts.concurrency, s3=s3_config or None,
-            signature_version=UNSIGNED if anonymous else None)
-        region = region or os.environ.get("AWS_REGION") or None
         stack = contextlib.AsyncExitStack()
-        try:
-            client = await stack.enter_async_context(session.create_client(
-                "s3", region_name=region, endpoint_url=endpoint_url, config=config))
-        except _FAILURES as e:
-            await stack.aclose()
-            raise SourceError(f"{url}: cannot create an S3 client: {describe(e)}") from e
+        client = await open_client(url, stack, opts, endpoint_url=endpoint_url, region=region,
+                                   profile=profile, anonymous=anonymous,
+                                   addressing_style=addressing_style)
         src = cls(url, client, stack, opts, if_match=if_match)
         await src._learn_version(stack.aclose)
         return src

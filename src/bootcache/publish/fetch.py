@@ -1,0 +1,113 @@
+"""An artifact's bytes as they arrive: from a local file at once, or downloaded.
+
+A remote artifact (HTTP(S) or S3, through the ordinary byte sources, which
+retry and pin the object's version with If-Match) is downloaded in order
+into a partial file beside the destination. Readers wait for the bytes they
+need while the rest is still coming. An interrupted download resumes from
+the partial file's length when the object's header cluster is unchanged
+(it holds the digest of the whole file, so an equal header means the same
+artifact); whatever survived of a partial file is verified with the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+
+from bootcache.errors import BootcacheError, SourceError
+from bootcache.sources.base import ByteSource
+
+#: Download requests: small enough that the work on arrived bytes (decompressing,
+#: writing) overlaps the transfer, enough in flight to fill a fast link.
+log = logging.getLogger("bootcache.publish")
+_CHUNK = 512 << 10
+_CHUNKS_IN_FLIGHT = 2
+
+
+class ArtifactBytes:
+    """A local file whose first ``available`` bytes of ``size`` are there to read."""
+
+    def __init__(self, fd: int, size: int, available: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.available = available
+        self._changed = asyncio.Event()
+        self._error: BaseException | None = None
+
+    async def wait(self, end: int) -> None:
+        """Until bytes [0, end) are there (or the download failed)."""
+        end = min(end, self.size)
+        while self.available < end:
+            if self._error is not None:
+                raise self._error
+            self._changed.clear()
+            await self._changed.wait()
+        if self.available < end and self._error is not None:
+            raise self._error
+
+    async def read(self, offset: int, length: int) -> bytes:
+        await self.wait(offset + length)
+        data = os.pread(self.fd, length, offset)
+        if len(data) != min(length, self.size - offset):
+            raise BootcacheError("the downloaded artifact shrank while it was read")
+        return data
+
+    def advance(self, available: int) -> None:
+        self.available = available
+        self._changed.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._changed.set()
+
+
+async def first_cluster(source: ByteSource, size: int) -> bytes:
+    """The header cluster of a qcow2 artifact (its size read from the header)."""
+    head = await source.pread(0, min(size, 4096))
+    bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
+    if not 9 <= bits <= 21:
+        return head  # not qcow2: the header parser says so
+    return await source.pread(0, min(size, 1 << bits))
+
+
+def resume_point(fd: int, first: bytes, size: int) -> int:
+    """How much of a partial download can be kept: all of it when it starts with
+    the artifact's header cluster; else it starts over from that cluster (which
+    the caller has read already)."""
+    have = os.fstat(fd).st_size
+    if have < len(first) or have > size or os.pread(fd, len(first), 0) != first:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, first, 0)
+        return len(first)
+    return have
+
+
+async def download(source: ByteSource, into: ArtifactBytes) -> None:
+    """Fetch the rest of the artifact into ``into``'s file, in order."""
+    pending: deque[tuple[int, asyncio.Task[bytes]]] = deque()
+    offset = into.available
+    try:
+        while offset < into.size or pending:
+            while offset < into.size and len(pending) < _CHUNKS_IN_FLIGHT:
+                n = min(_CHUNK, into.size - offset)
+                pending.append((offset, asyncio.create_task(source.pread(offset, n))))
+                offset += n
+            at, task = pending.popleft()
+            data = await task
+            done = 0
+            while done < len(data):
+                done += os.pwrite(into.fd, memoryview(data)[done:], at + done)
+            into.advance(at + len(data))
+        log.debug("%s: downloaded", source.name)
+    except (SourceError, OSError) as e:
+        into.fail(e)
+        raise
+    finally:
+        for _, task in pending:
+            task.cancel()
+        for _, task in pending:
+            with contextlib.suppress(BaseException):
+                await task
