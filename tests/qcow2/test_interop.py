@@ -535,3 +535,34 @@ def test_many_l2_tables_evicted_and_reloaded(tmp_path: Path, rng: random.Random)
     with bootcache.open(str(img)) as disk:
         for off, data in written.items():
             assert disk.read(off, len(data)) == data, off
+
+
+def test_compressed_clusters_count_as_allocated(tmp_path: Path, rng: random.Random) -> None:
+    """In a compressed L2 entry bit 0 belongs to the host offset: the allocated
+    clusters bootcache lists must be the ones qemu-img maps as data."""
+    import asyncio
+    import json
+
+    from bootcache.qcow2.image import Qcow2Image
+    from bootcache.sources.file import FileSource
+
+    cluster = 4096
+    src, img = tmp_path / "src.raw", tmp_path / "img.qcow2"
+    # Each cluster compresses to a different length, so that compressed
+    # clusters start at odd host offsets too.
+    src.write_bytes(b"".join(rng.randbytes(n).ljust(cluster, b"\0")
+                             for n in (rng.randrange(100, 3000) for _ in range(512))))
+    run_qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                 f"compression_type=zstd,cluster_size={cluster}", src, img)
+    extents = json.loads(run_qemu_img("map", "--output=json", img).stdout)
+    expected = sorted(c for e in extents if e["data"] and not e["zero"]
+                      for c in range(e["start"] // cluster, (e["start"] + e["length"]) // cluster))
+
+    async def listed() -> list[int]:
+        image = await Qcow2Image.open(FileSource(str(img)))
+        try:
+            return sorted(await image.allocated_clusters())
+        finally:
+            await image.close()
+
+    assert expected and asyncio.run(listed()) == expected

@@ -267,9 +267,11 @@ class ClusterMap:
                 out.extend(base + i for i in range(len(table)) if table[i] & OFLAG_ZERO
                            and not table[i] & OFLAG_COMPRESSED and not self.extended)
                 continue
+            # In a compressed entry bit 0 belongs to the host offset, not the
+            # zero flag: a compressed cluster always holds data.
             out.extend(base + i // step for i in range(0, len(table), step)
-                       if table[i] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED)
-                       and not table[i] & OFLAG_ZERO)
+                       if table[i] & OFLAG_COMPRESSED
+                       or (table[i] & L2E_OFFSET_MASK and not table[i] & OFLAG_ZERO))
         return out
 
     # -- changing entries -----------------------------------------------------
