@@ -113,8 +113,8 @@ class Fleet:
             with open(trace_file, "w") as f:
                 f.writelines(f"{r.time:.6f} {r.offset} {r.length}\n"
                              for r in self.s.trace.requests)
-            self._run(self._bootcache("trace", "profile", "--size", str(self.base.size),
-                                      "-o", self._profile, trace_file))
+            self._run(self._bootcache("trace", "to-profile", trace_file, "-o", self._profile,
+                                      "--size", str(self.base.size)))
         return self._profile
 
     @contextmanager
