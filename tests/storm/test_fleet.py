@@ -62,9 +62,10 @@ def _small_trace() -> trace.Trace:
     return trace.Trace(name="debian12-head", requests=reqs)
 
 
-def test_small_fleet_cold_caches_pull_one_working_set_each(tmp_path: Path) -> None:
+def test_small_fleet_egress_per_configuration(tmp_path: Path) -> None:
     tr = _small_trace()
-    s = fleet.Settings(trace=tr, k=2, m=3, gap_scale=0.0, configs=("no-cache", "cold"),
+    s = fleet.Settings(trace=tr, k=2, m=3, gap_scale=0.0,
+                       configs=("no-cache", "cold", "pulled"),
                        workdir=str(tmp_path), progress=lambda _: None)
     rows = fleet.run(s)
     ws = tr.distinct_bytes(nodes.BLOCK)
@@ -78,3 +79,10 @@ def test_small_fleet_cold_caches_pull_one_working_set_each(tmp_path: Path) -> No
     # Without a cache each of the M VMs on a node pulls what it reads.
     for r in uncached:
         assert r.egress_bytes >= 2 * ws, (r, ws)
+    # One node boots cold and publishes; the other pulls about one working
+    # set (random test data does not compress) and its boots read nothing.
+    first = [r for r in rows if r.config == "pulled-first"]
+    pulled = [r for r in rows if r.config == "pulled"]
+    assert len(first) == len(pulled) == 1
+    assert ws <= first[0].egress_bytes <= 1.3 * ws
+    assert pulled[0].pull_bytes >= ws * 0.9 and pulled[0].egress_bytes < 64 * 1024, pulled

@@ -51,8 +51,9 @@ class Row:
     vms: int
     boot_max_s: float
     boot_mean_s: float
-    egress_bytes: int
+    egress_bytes: int  # what the boots made the storage node send
     prepare_s: float   # creating or pulling the cache before the boots
+    pull_bytes: int = 0  # what pulling the published cache made it send
 
 
 @dataclass
@@ -200,8 +201,8 @@ class Fleet:
             pulled = {i: self.net.nodes[i].egress_bytes() - before[i] for i in before}
             with self.daemons(images) as uris:
                 rows = self.boot(config, uris, prepare)
-            for r in rows:  # the pull crossed the same link: count it
-                r.egress_bytes += pulled[r.node]
+            for r in rows:  # the pull crossed the same link: count it apart
+                r.pull_bytes = pulled[r.node]
         else:
             raise BootcacheError(f"unknown fleet configuration {config!r}; "
                                  f"choose from {', '.join(CONFIGS)}")
@@ -257,10 +258,9 @@ def summary(rows: list[Row], trace: Trace) -> list[dict[str, float | str]]:
     out: list[dict[str, float | str]] = []
     for config in dict.fromkeys(r.config for r in rows):
         sel = [r for r in rows if r.config == config]
-        if config == "pulled":  # the whole configuration: first node plus the pulls
-            sel_egress = sum(r.egress_bytes for r in rows if r.config in ("pulled", "pulled-first"))
-        else:
-            sel_egress = sum(r.egress_bytes for r in sel)
+        sel_egress = sum(r.egress_bytes + r.pull_bytes for r in sel)
+        if config == "pulled":  # the whole configuration: the first node's boots too
+            sel_egress += sum(r.egress_bytes for r in rows if r.config == "pulled-first")
         out.append({"config": config, "nodes": len(sel),
                     "boot_max_s": max(r.boot_max_s for r in sel),
                     "boot_mean_s": statistics.fmean(r.boot_mean_s for r in sel),
