@@ -10,7 +10,6 @@ import click
 
 from bootcache.cli.images import CHECK_HOOKS, INFO_HOOKS, run
 from bootcache.errors import ImageFormatError
-from bootcache.layers.cache import read_extension
 from bootcache.qcow2 import cache_ext
 from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE
 from bootcache.qcow2.image import Qcow2Image
@@ -104,6 +103,8 @@ CHECK_HOOKS.append(_check_hook)
 
 
 async def read_stats(path: str) -> dict[str, Any]:
+    from bootcache.layers.cache import read_extension  # brings asyncio: not for info
+
     # The daemon holds the cache for writing; reading its header needs no lock.
     source = FileSource(path, lock=False)
     try:

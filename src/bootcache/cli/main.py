@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from bootcache import __version__
 from bootcache.cli.lazy import LazyGroup
 from bootcache.errors import BootcacheError
 
@@ -37,7 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 @click.group(cls=LazyGroup, lazy_subcommands=COMMANDS,
              context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="bootcache")
+# The version is the package's own (pyproject.toml reads it from there):
+# asking the installed metadata for it imports importlib.metadata, which
+# took longer than the rest of ``--version``.
+@click.version_option(__version__, prog_name="bootcache")
 def cli() -> None:
     """Cache images for fast, many-VM boots from one remote base."""
 

@@ -16,13 +16,13 @@ which ``qemu-img check`` accepts and ``bootcache check -r leaks`` repairs.
 
 from __future__ import annotations
 
-import asyncio
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from bootcache.block.graph import NodeRef
 from bootcache.block.layer import BlockLayer, Extent, SourceBacked
+from bootcache.block.lock import LazyAsyncLock
 from bootcache.errors import (
     ImageCorruptError,
     ReadOnlyError,
@@ -83,7 +83,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
         self.epoch = 0
         self.active_reads: dict[int, int] = {}
         self.unsynced_allocations = False
-        self.lock = asyncio.Lock()
+        self.lock = LazyAsyncLock()
         self.file_size = 0
         self._last_compressed: tuple[int, bytes] | None = None
         self.closed = False
