@@ -13,16 +13,15 @@ import click
 
 from bootcache.block.sync import run_without_loop
 from bootcache.errors import BootcacheError, ImageFormatError
-from bootcache.layers.chain import ChainPolicy, is_uri, open_layer, probe_format
 from bootcache.qcow2 import format as fmt
 from bootcache.qcow2.cache_options import CACHE_KEYS, cache_extension_from_options
-from bootcache.qcow2.image import COMPRESSED, DATA, UNALLOC, ZERO, Qcow2Image
-from bootcache.sources.file import FileSource
 
 if TYPE_CHECKING:
-    # Imported by the commands that use them: each command loads only its own.
+    # Imported by the commands that use them: each command loads only its own
+    # (``create`` opens no image unless it sizes a backing file).
     from bootcache.qcow2.check import CheckResult
     from bootcache.qcow2.create import CreateOptions
+    from bootcache.qcow2.image import Qcow2Image
 
 T = TypeVar("T")
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
@@ -119,6 +118,8 @@ def create_options(opts: dict[str, str]) -> CreateOptions:
 
 
 async def _backing_size(image: str, backing: str, backing_fmt: str | None) -> int:
+    from bootcache.layers.chain import ChainPolicy, is_uri, open_layer
+
     path = backing
     if not is_uri(backing) and not os.path.isabs(backing):
         path = os.path.join(os.path.dirname(image), backing)
@@ -178,6 +179,8 @@ def create(image_fmt: str, backing: str | None, backing_fmt: str | None, options
         if size is not None:
             nbytes = parse_size(size)
         elif co.backing_file and not unsafe:
+            from bootcache.layers.chain import is_uri
+
             sizing = _backing_size(filename, co.backing_file, co.backing_fmt)
             # A local backing file is read without an event loop; a remote one needs it.
             nbytes = run(sizing) if is_uri(co.backing_file) else run_local(sizing)
@@ -196,6 +199,10 @@ def create(image_fmt: str, backing: str | None, backing_fmt: str | None, options
 
 async def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
     """The facts ``qemu-img info --output json`` reports, under its names."""
+    from bootcache.layers.chain import is_uri, probe_format
+    from bootcache.qcow2.image import Qcow2Image
+    from bootcache.sources.file import FileSource
+
     source = FileSource(path, lock=not force_share)
     try:
         info: dict[str, Any] = {"filename": path,
@@ -287,6 +294,8 @@ def _print_info(info: dict[str, Any]) -> None:
 def info(output: str, backing_chain: bool, force_share: bool, image_fmt: str | None,
          filename: str) -> None:
     """Show facts about an image."""
+    from bootcache.layers.chain import is_uri
+
     infos = [run_local(image_info(filename, force_share=force_share))]
     while backing_chain and "full-backing-filename" in infos[-1]:
         nxt = infos[-1]["full-backing-filename"]
@@ -305,7 +314,10 @@ def info(output: str, backing_chain: bool, force_share: bool, image_fmt: str | N
 # -- check ----------------------------------------------------------------------
 
 async def run_check(path: str, repair: str | None) -> CheckResult:
+    from bootcache.layers.chain import probe_format
     from bootcache.qcow2.check import CheckResult, check_image
+    from bootcache.qcow2.image import Qcow2Image
+    from bootcache.sources.file import FileSource
 
     try:
         source = FileSource(path, writable=repair is not None)
@@ -374,6 +386,8 @@ def check(output: str, repair: str | None, quiet: bool, filename: str) -> None:
 
 async def map_image(path: str) -> list[dict[str, Any]]:
     """Allocation of the whole chain, as ``qemu-img map --output json`` gives it."""
+    from bootcache.layers.chain import ChainPolicy, open_layer
+
     layer = await open_layer(path, policy=ChainPolicy.from_env())
     out: list[dict[str, Any]] = []
     try:
@@ -385,6 +399,8 @@ async def map_image(path: str) -> list[dict[str, Any]]:
 
 async def _map_layer(layer: Any, start: int, length: int, depth: int,
                      out: list[dict[str, Any]]) -> None:
+    from bootcache.qcow2.image import COMPRESSED, DATA, UNALLOC, ZERO, Qcow2Image
+
     if not isinstance(layer, Qcow2Image):
         end = min(start + length, layer.size)
         if start < end:
@@ -451,6 +467,9 @@ COMMANDS = [create, info, check, map_cmd]
 # -- resize ---------------------------------------------------------------------
 
 async def grow_image(path: str, size_arg: str) -> int:
+    from bootcache.layers.chain import ChainPolicy, open_layer
+    from bootcache.qcow2.image import Qcow2Image
+
     layer = await open_layer(path, writable=True, policy=ChainPolicy(trusted=True),
                              follow_backing=False)
     try:
