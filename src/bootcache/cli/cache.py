@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +150,8 @@ def stats(output: str, filename: str) -> None:
     """Hit and miss counters, bytes moved, quota and use of a cache image."""
     data = run(read_stats(filename))
     if output == "json":
+        import json  # this module is also loaded by info and check, which need no json
+
         click.echo(json.dumps(data, indent=4))
         return
     for key, value in data.items():
