@@ -56,7 +56,8 @@ def daemon(bc: list[str], image: str, tmp: str, env: dict[str, str]) -> Iterator
         notify.bind(notify_path)
         notify.settimeout(60)
         proc = subprocess.Popen([*bc, "serve", "--read-only", "--socket", sock, image],
-                                env={**env, "NOTIFY_SOCKET": notify_path})
+                                env={**env, "NOTIFY_SOCKET": notify_path},
+                                stdout=subprocess.DEVNULL)
         try:
             while b"READY=1" not in notify.recv(4096).split(b"\n"):
                 pass
