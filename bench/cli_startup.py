@@ -6,16 +6,21 @@ reported with its ratio to ``qemu-img info`` measured in the same turns, and
 the load average at the start. ``ctl list`` asks a ``bootcache serve`` that
 the script starts (and waits for: it says READY=1 on $NOTIFY_SOCKET).
 
+``--before SRC`` also times the same commands with the bootcache package of
+another source tree (``SRC/bootcache``, put first on PYTHONPATH; e.g. a
+``git archive`` of an older commit), in the same turns: on a busy machine
+two separate runs are not comparable, one run's turns are.
+
 Bytecode: by default a first round, not counted, writes the bytecode caches
 as an installed package has them (the children run without
-PYTHONDONTWRITEBYTECODE). With ``--no-bytecode`` the bootcache package is
+PYTHONDONTWRITEBYTECODE). With ``--no-bytecode`` each bootcache package is
 copied to a temporary folder and run from there with PYTHONDONTWRITEBYTECODE=1,
 so its modules are compiled on every run, as in an editable install under
 that variable (the standard library and click keep their caches).
 
 Usage:
     .venv/bin/python bench/cli_startup.py [--runs 31] [--bootcache ".venv/bin/bootcache"]
-                                          [--no-bytecode]
+                                          [--before SRC] [--no-bytecode]
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from contextlib import contextmanager
 
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 PEER = "qemu-img info FILE"
+CLICK = "python: import click"
 
 
 def measure(argv: list[str], env: dict[str, str]) -> float:
@@ -55,27 +61,45 @@ def daemon(bc: list[str], image: str, tmp: str, env: dict[str, str]) -> Iterator
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(notify_path)
         notify.settimeout(60)
-        proc = subprocess.Popen([*bc, "serve", "--read-only", "--socket", sock, image],
-                                env={**env, "NOTIFY_SOCKET": notify_path},
-                                stdout=subprocess.DEVNULL)
+        log_path = os.path.join(tmp, "serve.log")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([*bc, "serve", "--read-only", "--socket", sock, image],
+                                    env={**env, "NOTIFY_SOCKET": notify_path},
+                                    stdout=log, stderr=subprocess.STDOUT)
         try:
-            while b"READY=1" not in notify.recv(4096).split(b"\n"):
-                pass
+            try:
+                while b"READY=1" not in notify.recv(4096).split(b"\n"):
+                    pass
+            except TimeoutError:
+                with open(log_path, errors="replace") as f:
+                    sys.exit(f"bootcache serve did not get ready:\n{f.read()}")
             yield sock + ".ctl"
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
 
 
-def package_copy(tmp: str) -> str:
-    """A copy of the bootcache package without bytecode caches; returns the
-    folder to put on PYTHONPATH."""
-    spec = importlib.util.find_spec("bootcache")
-    assert spec is not None and spec.submodule_search_locations
-    root = os.path.join(tmp, "src")
-    shutil.copytree(spec.submodule_search_locations[0], os.path.join(root, "bootcache"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+def tree_env(src: str | None, tmp: str, name: str, no_bytecode: bool) -> dict[str, str]:
+    """The environment that runs the bootcache package of ``src`` (None: the
+    installed one), copied without bytecode caches if ``no_bytecode``."""
+    env = dict(ENV)
+    if src is None and not no_bytecode:
+        return env
+    if src is None:
+        spec = importlib.util.find_spec("bootcache")
+        assert spec is not None and spec.submodule_search_locations
+        package = spec.submodule_search_locations[0]
+    else:
+        package = os.path.join(src, "bootcache")
+    if no_bytecode:
+        root = os.path.join(tmp, name)
+        shutil.copytree(package, os.path.join(root, "bootcache"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    else:
+        root = os.path.dirname(package)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [ENV.get("PYTHONPATH")])])
+    return env
 
 
 def main() -> int:
@@ -84,51 +108,63 @@ def main() -> int:
     ap.add_argument("--bootcache", help="the command to time, split as a shell would "
                     "(e.g. 'python -m bootcache'); default: bootcache beside this python",
                     default=os.path.join(os.path.dirname(sys.executable), "bootcache"))
+    ap.add_argument("--before", metavar="SRC",
+                    help="also time the bootcache package under SRC (see above)")
     ap.add_argument("--no-bytecode", action="store_true",
                     help="compile bootcache's modules on every run (see above)")
     args = ap.parse_args()
     bc = shlex.split(args.bootcache)
+    trees = {"after": None, "before": args.before} if args.before else {"after": None}
     with tempfile.TemporaryDirectory(prefix="cli-startup-") as tmp:
-        env = dict(ENV)
-        if args.no_bytecode:
-            src = package_copy(tmp)
-            env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [ENV.get("PYTHONPATH")])])
-            env["PYTHONDONTWRITEBYTECODE"] = "1"
+        envs = {tree: tree_env(src, tmp, tree, args.no_bytecode) for tree, src in trees.items()}
         img = os.path.join(tmp, "x.qcow2")
         served = os.path.join(tmp, "served.qcow2")
         new = os.path.join(tmp, "new.qcow2")
         for path in (img, served):
-            subprocess.run([*bc, "create", "-q", path, "1G"], check=True, env=env)
-        with daemon(bc, served, tmp, env) as control:
-            commands: dict[str, list[str]] = {
+            subprocess.run([*bc, "create", "-q", path, "1G"], check=True, env=envs["after"])
+        with daemon(bc, served, tmp, envs["after"]) as control:
+            commands = {
                 "bootcache --help": [*bc, "--help"],
                 "bootcache --version": [*bc, "--version"],
                 "bootcache info FILE": [*bc, "info", img],
                 "bootcache check FILE": [*bc, "check", img],
                 "bootcache create FILE 1G": [*bc, "create", "-q", new, "1G"],
                 "bootcache ctl list": [*bc, "ctl", "--control", control, "list"],
-                # What any command pays before bootcache's own code: the
-                # interpreter and click.
-                "python: import click": [sys.executable, "-c", "import click"],
             }
+            runs: list[tuple[str, str, list[str], dict[str, str]]] = [
+                (name, tree, argv, env) for name, argv in commands.items()
+                for tree, env in envs.items()]
+            # What any command pays before bootcache's own code: the
+            # interpreter and click.
+            runs.append((CLICK, "", [sys.executable, "-c", "import click"], ENV))
             if shutil.which("qemu-img"):
-                commands[PEER] = ["qemu-img", "info", img]
-            times: dict[str, list[float]] = {name: [] for name in commands}
-            for argv in commands.values():
+                runs.append((PEER, "", ["qemu-img", "info", img], ENV))
+            times: dict[tuple[str, str], list[float]] = {(n, t): [] for n, t, _, _ in runs}
+            for _, _, argv, env in runs:
                 measure(argv, env)  # warm-up: bytecode caches, page cache
             load = os.getloadavg()[0]
             for _ in range(args.runs):
-                for name, argv in commands.items():
-                    times[name].append(measure(argv, env))
+                for name, tree, argv, env in runs:
+                    times[name, tree].append(measure(argv, env))
+    med = {key: statistics.median(ts) * 1000 for key, ts in times.items()}
     bytecode = "compiled on every run" if args.no_bytecode else "bytecode caches written"
     print(f"{args.runs} runs each, load average {load:.2f} at the start, {bytecode}")
-    peer = statistics.median(times[PEER]) if PEER in times else None
-    print(f"| command | median | min | median / `{PEER}` |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        ratio = f"{med / peer:.1f}" if peer else "-"
-        print(f"| `{name}` | {med * 1000:.0f} ms | {min(ts) * 1000:.0f} ms | {ratio} |")
+    peer = med.get((PEER, ""))
+    cols = [*reversed(trees)] if args.before else ["median", "min"]
+    print(f"| command | {' | '.join(cols)} | median / `{PEER}` |")
+    print("|---" * (len(cols) + 2) + "|")
+    for name in [*commands, CLICK, PEER]:
+        key = (name, "after") if name in commands else (name, "")
+        if key not in med:
+            continue
+        if not args.before:
+            cells = [f"{med[key]:.0f} ms", f"{min(times[key]) * 1000:.0f} ms"]
+        elif name in commands:
+            cells = [f"{med[name, 'before']:.0f} ms", f"{med[key]:.0f} ms"]
+        else:
+            cells = ["", f"{med[key]:.0f} ms"]  # not bootcache's: measured once
+        ratio = f"{med[key] / peer:.1f}" if peer else "-"
+        print(f"| `{name}` | {' | '.join(cells)} | {ratio} |")
     return 0
 
 
