@@ -3,7 +3,10 @@
 Each command is run RUNS times, the commands taking turns (so a burst of load
 on a noisy machine hits them all alike); the median wall time of each is
 reported with its ratio to ``qemu-img info`` measured in the same turns, and
-the load average at the start. ``ctl list`` asks a ``bootcache serve`` that
+the load average at the start. The median CPU time (user + system, the
+kernel's accounting of the finished child) is reported too: on a busy
+machine the wall time also counts the time spent waiting for a processor,
+the CPU time much less so. ``ctl list`` asks a ``bootcache serve`` that
 the script starts (and waits for: it says READY=1 on $NOTIFY_SOCKET).
 
 ``--before SRC`` also times the same commands with the bootcache package of
@@ -45,11 +48,17 @@ PEER = "qemu-img info FILE"
 CLICK = "python: import click"
 
 
-def measure(argv: list[str], env: dict[str, str]) -> float:
+def measure(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system) of one run of ``argv``."""
     t0 = time.perf_counter()
-    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
-                   env=env)
-    return time.perf_counter() - t0
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, argv)
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 @contextmanager
@@ -139,32 +148,39 @@ def main() -> int:
             runs.append((CLICK, "", [sys.executable, "-c", "import click"], ENV))
             if shutil.which("qemu-img"):
                 runs.append((PEER, "", ["qemu-img", "info", img], ENV))
-            times: dict[tuple[str, str], list[float]] = {(n, t): [] for n, t, _, _ in runs}
+            times: dict[tuple[str, str], list[tuple[float, float]]] = {
+                (n, t): [] for n, t, _, _ in runs}
             for _, _, argv, env in runs:
                 measure(argv, env)  # warm-up: bytecode caches, page cache
             load = os.getloadavg()[0]
             for _ in range(args.runs):
                 for name, tree, argv, env in runs:
                     times[name, tree].append(measure(argv, env))
-    med = {key: statistics.median(ts) * 1000 for key, ts in times.items()}
+    wall = {key: statistics.median(w for w, _ in ts) * 1000 for key, ts in times.items()}
+    cpu = {key: statistics.median(c for _, c in ts) * 1000 for key, ts in times.items()}
     bytecode = "compiled on every run" if args.no_bytecode else "bytecode caches written"
-    print(f"{args.runs} runs each, load average {load:.2f} at the start, {bytecode}")
-    peer = med.get((PEER, ""))
-    cols = [*reversed(trees)] if args.before else ["median", "min"]
-    print(f"| command | {' | '.join(cols)} | median / `{PEER}` |")
-    print("|---" * (len(cols) + 2) + "|")
+    print(f"{args.runs} runs each, load average {load:.2f} at the start, {bytecode}; "
+          "medians in ms")
+    peer = wall.get((PEER, ""))
+    cols = ["wall", "cpu"]
+    if args.before:
+        cols = ["wall before", "wall after", "cpu before", "cpu after"]
+    print(f"| command | {' | '.join(cols)} | wall / `{PEER}` |")
+    print("|---" + "|---:" * (len(cols) + 1) + "|")
     for name in [*commands, CLICK, PEER]:
         key = (name, "after") if name in commands else (name, "")
-        if key not in med:
+        if key not in wall:
             continue
+        cells: list[float | None]
         if not args.before:
-            cells = [f"{med[key]:.0f} ms", f"{min(times[key]) * 1000:.0f} ms"]
+            cells = [wall[key], cpu[key]]
         elif name in commands:
-            cells = [f"{med[name, 'before']:.0f} ms", f"{med[key]:.0f} ms"]
+            cells = [wall[name, "before"], wall[key], cpu[name, "before"], cpu[key]]
         else:
-            cells = ["", f"{med[key]:.0f} ms"]  # not bootcache's: measured once
-        ratio = f"{med[key] / peer:.1f}" if peer else "-"
-        print(f"| `{name}` | {' | '.join(cells)} | {ratio} |")
+            cells = [None, wall[key], None, cpu[key]]  # not bootcache's: measured once
+        text = [f"{c:.0f}" if c is not None else "" for c in cells]
+        ratio = f"{wall[key] / peer:.1f}" if peer else "-"
+        print(f"| `{name}` | {' | '.join(text)} | {ratio} |")
     return 0
 
 
