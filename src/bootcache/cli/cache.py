@@ -9,7 +9,6 @@ import click
 
 from bootcache.cli.images import CHECK_HOOKS, INFO_HOOKS, run
 from bootcache.errors import ImageFormatError
-from bootcache.qcow2 import cache_ext
 from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE
 from bootcache.qcow2.image import Qcow2Image
 from bootcache.sources.file import FileSource
@@ -28,6 +27,9 @@ async def cache_facts(img: Qcow2Image, warnings: list[str]) -> dict[str, Any] | 
     raw = img.header.find_extension(EXT_CACHE)
     if raw is None:
         return None
+    # Imported once an image has the extension: info on a plain qcow2 skips it.
+    from bootcache.qcow2 import cache_ext
+
     if img.header.backing_file is None:
         warnings.append("the image has a cache extension but no backing file: "
                         "it is not a cache and the extension is ignored")
@@ -74,6 +76,8 @@ async def _check_hook(img: Qcow2Image, res: CheckResult) -> None:
     raw = img.header.find_extension(EXT_CACHE)
     if raw is None or img.header.backing_file is None:
         return
+    from bootcache.qcow2 import cache_ext
+
     try:
         ext = cache_ext.CacheExtension.decode(raw.data, strict=False)
     except cache_ext.UnknownCacheVersion as e:
@@ -103,6 +107,7 @@ CHECK_HOOKS.append(_check_hook)
 
 async def read_stats(path: str) -> dict[str, Any]:
     from bootcache.layers.cache import read_extension  # brings asyncio: not for info
+    from bootcache.qcow2 import cache_ext
 
     # The daemon holds the cache for writing; reading its header needs no lock.
     source = FileSource(path, lock=False)

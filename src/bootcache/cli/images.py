@@ -14,7 +14,6 @@ import click
 from bootcache.block.sync import run_without_loop
 from bootcache.errors import BootcacheError, ImageFormatError
 from bootcache.qcow2 import format as fmt
-from bootcache.qcow2.cache_options import CACHE_KEYS, cache_extension_from_options
 
 if TYPE_CHECKING:
     # Imported by the commands that use them: each command loads only its own
@@ -85,14 +84,16 @@ def _emit_json(obj: Any) -> None:
 
 # -- create -------------------------------------------------------------------
 
-CREATE_KEYS = {"cluster_size", "compat", "lazy_refcounts", "refcount_bits", "compression_type",
-               "backing_file", "backing_fmt", "extended_l2", "size", *CACHE_KEYS}
+# With the cache options (qcow2.cache_options.CACHE_KEYS): imported by create only.
+QCOW2_CREATE_KEYS = {"cluster_size", "compat", "lazy_refcounts", "refcount_bits",
+                     "compression_type", "backing_file", "backing_fmt", "extended_l2", "size"}
 
 
 def create_options(opts: dict[str, str]) -> CreateOptions:
+    from bootcache.qcow2.cache_options import CACHE_KEYS, cache_extension_from_options
     from bootcache.qcow2.create import CreateOptions
 
-    unknown = set(opts) - CREATE_KEYS
+    unknown = set(opts) - QCOW2_CREATE_KEYS - CACHE_KEYS
     if unknown:
         raise click.BadParameter(f"unknown -o option(s): {', '.join(sorted(unknown))}")
     co = CreateOptions()
@@ -153,6 +154,7 @@ def create(image_fmt: str, backing: str | None, backing_fmt: str | None, options
 
     A cache image is created with -o cache_img_quota=BYTES or --cache-quota.
     """
+    from bootcache.qcow2.cache_options import CACHE_KEYS
     from bootcache.qcow2.create import create_qcow2, create_raw
 
     opts = parse_options(options)
