@@ -15,15 +15,15 @@ write lock taken) once.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bootcache.block.layer import BlockLayer
 from bootcache.errors import BootcacheError
 
-log = logging.getLogger("bootcache.graph")
+if TYPE_CHECKING:
+    import asyncio
 
 
 class NodeConflictError(BootcacheError):
@@ -94,6 +94,10 @@ class NodeGraph:
                       writable: bool) -> NodeRef:
         """A reference to the node ``key``, opening it with ``open_layer`` if
         nobody holds it yet. Two users asking at once share one open."""
+        # Imported here: a command that only reads one image never needs the
+        # event loop, and asyncio is a third of its start-up.
+        import asyncio
+
         while (pending := self._opening.get(key)) is not None:
             await asyncio.shield(pending)
         node = self._nodes.get(key)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -10,8 +9,6 @@ import click
 
 from bootcache.cli.images import CHECK_HOOKS, INFO_HOOKS, run
 from bootcache.errors import ImageFormatError
-from bootcache.layers.cache import read_extension
-from bootcache.qcow2 import cache_ext
 from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE
 from bootcache.qcow2.image import Qcow2Image
 from bootcache.sources.file import FileSource
@@ -30,6 +27,9 @@ async def cache_facts(img: Qcow2Image, warnings: list[str]) -> dict[str, Any] | 
     raw = img.header.find_extension(EXT_CACHE)
     if raw is None:
         return None
+    # Imported once an image has the extension: info on a plain qcow2 skips it.
+    from bootcache.qcow2 import cache_ext
+
     if img.header.backing_file is None:
         warnings.append("the image has a cache extension but no backing file: "
                         "it is not a cache and the extension is ignored")
@@ -76,6 +76,8 @@ async def _check_hook(img: Qcow2Image, res: CheckResult) -> None:
     raw = img.header.find_extension(EXT_CACHE)
     if raw is None or img.header.backing_file is None:
         return
+    from bootcache.qcow2 import cache_ext
+
     try:
         ext = cache_ext.CacheExtension.decode(raw.data, strict=False)
     except cache_ext.UnknownCacheVersion as e:
@@ -104,6 +106,9 @@ CHECK_HOOKS.append(_check_hook)
 
 
 async def read_stats(path: str) -> dict[str, Any]:
+    from bootcache.layers.cache import read_extension  # brings asyncio: not for info
+    from bootcache.qcow2 import cache_ext
+
     # The daemon holds the cache for writing; reading its header needs no lock.
     source = FileSource(path, lock=False)
     try:
@@ -150,6 +155,8 @@ def stats(output: str, filename: str) -> None:
     """Hit and miss counters, bytes moved, quota and use of a cache image."""
     data = run(read_stats(filename))
     if output == "json":
+        import json  # this module is also loaded by info and check, which need no json
+
         click.echo(json.dumps(data, indent=4))
         return
     for key, value in data.items():

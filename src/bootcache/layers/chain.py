@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from bootcache.block.graph import NodeGraph, NodeRef, private_ref
 from bootcache.block.layer import BlockLayer
 from bootcache.errors import BackingPolicyError, BootcacheError, UnsupportedFeatureError
-from bootcache.layers.cache import CacheLayer
 from bootcache.layers.raw import RawLayer
 from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE, MAGIC
 from bootcache.qcow2.image import Qcow2Image
@@ -201,6 +200,10 @@ class _Opener:
                 await img.close()
                 raise
         if is_cache:
+            # Imported here: the cache layer brings asyncio, which commands
+            # that open no cache (info, check, create) do without.
+            from bootcache.layers.cache import CacheLayer
+
             try:
                 cache = await CacheLayer.open(img)
             except BaseException:

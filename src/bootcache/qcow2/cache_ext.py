@@ -6,7 +6,6 @@ UTF-8 JSON object. All integers are big endian.
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +82,8 @@ class CacheExtension:
             raise ImageFormatError(problems[0])
 
     def encode(self) -> bytes:
+        import json  # only cache images need it: plain `info` and `create` skip its import
+
         self.validate()
         # An empty identity is written with length 0 (spec 1.1), never as "{}".
         ident = b"" if not self.identity else json.dumps(
@@ -111,6 +112,7 @@ class CacheExtension:
         if ident_len > MAX_IDENTITY or FIXED_SIZE + ident_len > len(data):
             raise ImageFormatError("cache extension: base identity overruns the extension")
         raw = data[FIXED_SIZE:FIXED_SIZE + ident_len]
+        import json
         # Images made before 1.1 wrote an empty identity as "{}": it decodes to {}
         # just as length 0 does, so both mean "not recorded yet".
         try:

@@ -12,12 +12,12 @@ ordering rule, the structures enforce it.
 
 from __future__ import annotations
 
-import asyncio
 from array import array
 from contextlib import AbstractContextManager
 
 from bootcache.block.graph import NodeRef
 from bootcache.block.layer import BlockLayer, Extent, SourceBacked
+from bootcache.block.lock import LazyAsyncLock
 from bootcache.errors import (
     ImageCorruptError,
     ReadOnlyError,
@@ -66,7 +66,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
         self.cs = header.cluster_size
         self.extended = header.extended_l2
         self.l2_entries = self.map.l2_entries
-        self.lock = asyncio.Lock()
+        self.lock = LazyAsyncLock()
         self._last_compressed: tuple[int, bytes] | None = None
         self.closed = False
         #: Format decisions follow the header, whether or not the backing is open.

@@ -7,9 +7,7 @@ thread hop. Only fdatasync, which can block for long, goes to a thread.
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import hashlib
 import os
 import stat
 from typing import Any
@@ -100,6 +98,10 @@ class FileSource(ByteSource):
         self.pwrite_now(offset, data)
 
     async def flush(self) -> None:
+        # Imported here: commands that only read a local image run without an
+        # event loop and never pay for asyncio's import.
+        import asyncio
+
         await asyncio.to_thread(os.fdatasync, self.fd)
 
     def flush_now(self) -> None:
@@ -122,6 +124,8 @@ class FileSource(ByteSource):
 
     def sample_hash(self, samples: int = 16, chunk: int = 4096) -> str:
         """Hash of ``samples`` evenly spaced chunks: cheap evidence of content."""
+        import hashlib  # only caches identify their base: the rest skip its import
+
         size = self.size_now()
         h = hashlib.sha256(str(size).encode())
         step = max(size // samples, 1)
