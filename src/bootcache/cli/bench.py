@@ -122,4 +122,32 @@ def replay(uri: str, trace_path: str, n: int, gap_scale: float) -> None:
                f"mean {sum(times) / n:.3f} s, {sum(r.bytes for r in results) / 2**20:.1f} MiB read")
 
 
+@trace.command("to-profile")
+@click.argument("trace_path", metavar="TRACE")
+@click.option("-o", "output", required=True, help="Profile file to write (JSON).")
+@click.option("--size", required=True, help="Virtual size of the disk the trace was read "
+              "from (e.g. 4G).")
+@click.option("--cluster-size", default="64K", show_default=True,
+              help="Granularity of the profile.")
+def to_profile(trace_path: str, output: str, size: str, cluster_size: str) -> None:
+    """Convert a boot trace (trace record) into a boot profile: the clusters
+    it reads, in the order it first reads them."""
+    import os
+
+    from bootcache.cli.images import parse_size
+    from bootcache.errors import BootcacheError
+    from bootcache.qcow2 import profile_ext
+
+    try:
+        prof = profile_ext.load_file(trace_path, parse_size(size), parse_size(cluster_size))
+    except BootcacheError as e:
+        raise click.ClickException(str(e)) from e
+    tmp = output + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(profile_ext.dumps(prof))
+    os.replace(tmp, output)
+    click.echo(f"{output}: {prof.clusters} clusters ({prof.bytes} bytes) in "
+               f"{len(prof.ranges)} ranges", err=True)
+
+
 COMMANDS = [bench, trace]
