@@ -47,6 +47,36 @@ def expected(name: str) -> dict[str, Any]:
 
 CACHE_EXT = 0x42434143
 BACKING_FORMAT_EXT = 0xE2792ACA
+PROFILE_EXT = 0x42435046
+
+
+def _uleb128(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def independent_profile(ext: bytes) -> dict[str, Any]:
+    """Section 13's byte table: the profile extension's fields, ranges in clusters."""
+    version, flags, vsize, cbits, count, clusters = struct.unpack_from(">IIQB3xIQ", ext)
+    out: dict[str, Any] = {"length": len(ext), "version": version}
+    if version != 1:
+        return out
+    pos, prev_end, ranges = 32, 0, []
+    for _ in range(count):
+        delta, pos = _uleb128(ext, pos)
+        length, pos = _uleb128(ext, pos)
+        start = prev_end + (delta >> 1 if delta % 2 == 0 else -((delta + 1) >> 1))
+        ranges.append([start, length + 1])
+        prev_end = start + length + 1
+    out.update(flags=flags, virtual_size=vsize, cluster_bits=cbits, range_count=count,
+               clusters=clusters, ranges=ranges)
+    return out
 
 
 def independent_decode(path: Path) -> dict[str, Any]:
