@@ -235,8 +235,9 @@ def warm(concurrency: int, quiet: bool, filename: str) -> None:
         try:
             if not isinstance(layer, CacheLayer):
                 raise ImageFormatError(f"{filename}: not a cache image")
-            if layer.profile is None:
-                raise BootcacheError(f"{filename}: the cache has no usable boot profile")
+            if layer.profile is None or not layer.profile.ranges:
+                raise BootcacheError(f"{filename}: the cache has no boot profile to warm from "
+                                     "(bootcache create --cache-profile gives it one)")
             pre = Prefetcher(layer, concurrency=concurrency, quiet=0)
             planned = pre.planned_bytes()
             bar = _progress_bar(planned, quiet)

@@ -127,9 +127,9 @@ class Prefetcher:
                 task.add_done_callback(pending.discard)
             await asyncio.gather(*pending)
         except asyncio.CancelledError:
+            # Stopped (the cache closes): requests on the wire finish and are
+            # stored, so a restart does not fetch their bytes again.
             res.outcome = "stopped"
-            for task in pending:
-                task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             raise
         if failure:
