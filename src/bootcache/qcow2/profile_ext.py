@@ -336,11 +336,30 @@ def store_profile(header: fmt.Header, profile: Profile) -> None:
     header.set_extension(EXT_PROFILE, profile.encode(room_for_profile(header)))
 
 
-def fields(data: bytes) -> dict[str, Any]:
-    """The extension's fields under the spec's names (docs/spec/vectors)."""
-    prof = Profile.decode(data)
-    return {"length": len(data), "version": VERSION, "flags": prof.flags,
-            "virtual_size": prof.virtual_size,
-            "cluster_bits": prof.cluster_size.bit_length() - 1,
-            "range_count": len(prof.ranges), "clusters": prof.clusters,
-            "ranges": [list(r) for r in prof.ranges]}
+def fields(data: bytes, image_size: int) -> dict[str, Any]:
+    """The extension's fields under the spec's names (docs/spec/vectors), decoded
+    as far as they go, and whether a reader may use the profile."""
+    out: dict[str, Any] = {"length": len(data)}
+    if len(data) >= 4:
+        out["version"] = struct.unpack_from(">I", data)[0]
+    if len(data) >= FIXED_SIZE and out["version"] == VERSION:
+        _, flags, vsize, cbits, nranges, clusters = _FIXED.unpack_from(data)
+        ranges: list[list[int]] | None = []
+        pos, prev_end = FIXED_SIZE, 0
+        try:
+            for _ in range(nranges):
+                delta, pos = _read_varint(data, pos)
+                count, pos = _read_varint(data, pos)
+                start = prev_end + _unzigzag(delta)
+                ranges.append([start, count + 1])  # type: ignore[union-attr]
+                prev_end = start + count + 1
+        except ImageFormatError:
+            ranges = None
+        out.update(flags=flags, virtual_size=vsize, cluster_bits=cbits, range_count=nranges,
+                   clusters=clusters, ranges=ranges)
+    try:
+        usable = Profile.decode(data).virtual_size == image_size
+    except ImageFormatError:
+        usable = False
+    out["usable"] = usable
+    return out
