@@ -39,14 +39,16 @@ def bench() -> None:
 @click.option("--trace", "trace_path", help="Boot trace (default: the shipped Debian 12 trace).")
 @click.option("--verify", type=click.Choice(["all", "sample"]), default="sample",
               show_default=True, help="Check every replayed read, or a sample.")
+@click.option("--runs", default=1, show_default=True,
+              help="Run every storm this many times and report medians.")
 @click.option("--out", "outdir", default="bench/out", show_default=True)
 def bootstorm(quick: bool, ns: str | None, gaps: str | None, configs: str | None, rate: str,
-              trace_path: str | None, verify: str, outdir: str) -> None:
+              trace_path: str | None, verify: str, runs: int, outdir: str) -> None:
     """N VMs booting at once from one remote base, with and without caches."""
     from bootcache.storm import bench as storm
 
     tr = tracemod.load(trace_path) if trace_path else tracemod.debian12()
-    s = storm.Settings(trace=tr, rate=rate, verify=verify)
+    s = storm.Settings(trace=tr, rate=rate, verify=verify, runs=max(runs, 1))
     if quick:
         s.ns, s.gap_scales, s.configs, s.verify = (1, 4), (0.0,), storm.QUICK_CONFIGS, "all"
     if ns:

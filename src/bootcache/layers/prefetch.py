@@ -3,11 +3,12 @@
 The prefetcher walks the profile in order, skips what the cache holds (so a
 restarted daemon resumes where it stopped), merges what is missing into
 requests of up to ``request_bytes`` and keeps at most ``concurrency`` of them
-in flight. Demand misses go first: a new request starts only once no reader
-has been waiting on the base for ``quiet`` seconds, so a reader waits at most
-behind the requests already on the wire. It stops at the quota (it never
-evicts). It talks to the cache only through CacheProfileMixin's interface
-(``profile``, ``holds``, ``room``, ``demand_in_flight``, ``fill``).
+in flight. Demand misses go first: no request starts while readers are
+waiting on the base, and while they were active lately only one small one at
+a time, so a reader's miss queues behind little on the link (see
+``_allowance``). It stops at the quota (it never evicts). It talks to the
+cache only through CacheProfileMixin's interface (``profile``, ``holds``,
+``room``, ``demand_in_flight``, ``demand_misses``, ``fill``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,7 +26,11 @@ log = logging.getLogger("bootcache.prefetch")
 
 DEFAULT_CONCURRENCY = 2
 DEFAULT_REQUEST = 1 << 20
-DEFAULT_QUIET = 0.002
+#: No request starts until readers have not waited on the base for this long...
+DEFAULT_QUIET = 0.02
+#: ...and until they have been quiet this long, one small request at a time.
+DEFAULT_CALM = 0.25
+DEFAULT_SMALL_REQUEST = 128 << 10
 
 
 @dataclass
@@ -41,11 +47,19 @@ class Prefetcher:
 
     def __init__(self, cache: CacheLayer, *, concurrency: int = DEFAULT_CONCURRENCY,
                  request_bytes: int = DEFAULT_REQUEST, quiet: float = DEFAULT_QUIET,
+                 calm: float = DEFAULT_CALM, small_request: int = DEFAULT_SMALL_REQUEST,
                  progress: Callable[[int], None] | None = None) -> None:
+        """``quiet`` 0: no reader to make way for (``cache warm``)."""
         self.cache = cache
         self.concurrency = max(concurrency, 1)
         self.request_clusters = max(request_bytes // cache.cs, 1)
+        self.small_clusters = max(min(small_request, request_bytes) // cache.cs, 1)
         self.quiet = quiet
+        self.calm = max(calm, quiet)
+        # How often the readers' activity is looked at while requests are pending.
+        self._poll = 0.001 if quiet else None
+        self._last_demand = time.monotonic()
+        self._last_misses = cache.demand_misses()
         #: Called with the bytes each finished request fetched.
         self.progress = progress
         self.result = PrefetchResult()
@@ -99,33 +113,38 @@ class Prefetcher:
         return await asyncio.shield(self._task)
 
     async def run(self) -> PrefetchResult:
-        runs = self.missing()
         res = self.result
+        runs = self.missing()
         res.planned_bytes = self.planned_bytes()
         if not runs:
             return res
         log.info("%s: prefetching %d bytes of the boot profile", self.cache.name,
                  res.planned_bytes)
-        slots = asyncio.Semaphore(self.concurrency)
+        todo = deque(self._requests(runs))
         pending: set[asyncio.Task[None]] = set()
         failure: list[BaseException] = []
         try:
-            for first, count in self._requests(runs):
-                await slots.acquire()
-                if failure:
-                    slots.release()
-                    break
-                await self._demand_first()
-                room = self.cache.room()
-                if room <= 0:
-                    slots.release()
-                    res.outcome = "quota"
-                    break
-                task = asyncio.get_running_loop().create_task(
-                    self._one(first, min(count, room), slots, failure))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            await asyncio.gather(*pending)
+            while (todo and not failure) or pending:
+                limit, largest = self._allowance()
+                if todo and not failure and len(pending) < limit:
+                    room = self.cache.room()
+                    if room <= 0:
+                        res.outcome = "quota"
+                        todo.clear()
+                        continue
+                    first, count = todo.popleft()
+                    n = min(count, room, largest)
+                    if n < count and room > n:
+                        todo.appendleft((first + n, count - n))
+                    task = asyncio.get_running_loop().create_task(self._one(first, n, failure))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    continue
+                if pending:
+                    await asyncio.wait(pending, timeout=self._poll,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await asyncio.sleep(self._poll or 0.001)
         except asyncio.CancelledError:
             # Stopped (the cache closes): requests on the wire finish and are
             # stored, so a restart does not fetch their bytes again.
@@ -139,8 +158,7 @@ class Prefetcher:
                  res.fetched_bytes)
         return res
 
-    async def _one(self, first: int, count: int, slots: asyncio.Semaphore,
-                   failure: list[BaseException]) -> None:
+    async def _one(self, first: int, count: int, failure: list[BaseException]) -> None:
         try:
             got = await self.cache.fill(first, count)
             self.result.fetched_bytes += got
@@ -148,18 +166,26 @@ class Prefetcher:
                 self.progress(got)
         except Exception as e:
             failure.append(e)
-        finally:
-            slots.release()
 
-    async def _demand_first(self) -> None:
-        """Wait until no reader has waited on the base for ``quiet`` seconds."""
-        cache = self.cache
-        idle_since = time.monotonic() if cache.demand_in_flight() == 0 else None
-        while True:
-            if cache.demand_in_flight():
-                idle_since = None
-            elif idle_since is None:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since >= self.quiet:
-                return
-            await asyncio.sleep(max(self.quiet / 2, 0.001))
+    def _allowance(self) -> tuple[int, int]:
+        """(requests that may be in flight, clusters per request) right now.
+
+        Readers' misses go first: none while a reader waited on the base in
+        the last ``quiet`` seconds; one small request while readers were
+        active in the last ``calm`` seconds (a miss arriving then queues
+        behind at most that much on the link); else full concurrency and
+        large requests.
+        """
+        if not self.quiet:
+            return self.concurrency, self.request_clusters
+        now = time.monotonic()
+        misses = self.cache.demand_misses()
+        if self.cache.demand_in_flight() or misses != self._last_misses:
+            self._last_demand = now
+            self._last_misses = misses
+        idle = now - self._last_demand
+        if idle < self.quiet:
+            return 0, 0
+        if idle < self.calm:
+            return 1, self.small_clusters
+        return self.concurrency, self.request_clusters
