@@ -56,8 +56,9 @@ class Prefetcher:
         self.small_clusters = max(min(small_request, request_bytes) // cache.cs, 1)
         self.quiet = quiet
         self.calm = max(calm, quiet)
-        # How often the readers' activity is looked at while requests are pending.
-        self._poll = 0.001 if quiet else None
+        # How often a waiting prefetch looks at the readers again (a miss that
+        # comes and goes meanwhile still shows in demand_misses).
+        self._poll = max(quiet / 4, 0.001)
         self._last_demand = time.monotonic()
         self._last_misses = cache.demand_misses()
         #: Called with the bytes each finished request fetched.
@@ -141,10 +142,10 @@ class Prefetcher:
                     task.add_done_callback(pending.discard)
                     continue
                 if pending:
-                    await asyncio.wait(pending, timeout=self._poll,
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    # Nothing may start before one of these ends.
+                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 else:
-                    await asyncio.sleep(self._poll or 0.001)
+                    await asyncio.sleep(self._poll)  # readers are busy: look again soon
         except asyncio.CancelledError:
             # Stopped (the cache closes): requests on the wire finish and are
             # stored, so a restart does not fetch their bytes again.
