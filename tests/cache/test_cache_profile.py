@@ -14,8 +14,11 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bootcache
+from bootcache.qcow2 import profile_ext
 
 from .conftest import (
     CLUSTER,
@@ -212,4 +215,40 @@ def test_a_malformed_profile_in_an_image_is_ignored_and_kept(tmp_path: Path) -> 
     read_clusters(cache, [5, 2], base)
     assert header_facts(cache)["extensions"][PROFILE_EXT] == broken
     assert cached_clusters(cache) == {2, 5}
+    assert_qemu_check(cache)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4095), st.integers(1, 40)), max_size=300),
+       st.integers(200, 4000))
+def test_encoding_round_trips_and_truncates_to_a_prefix(
+        spans: list[tuple[int, int]], room: int) -> None:
+    """bootcache's encoder against the independent decoder of section 13."""
+    prof = profile_ext.from_byte_ranges(
+        ((s * 4096, min(n, 4096 - s) * 4096) for s, n in spans), 4096 * 4096, 4096)
+    whole = [list(r) for r in prof.ranges]
+    data = prof.encode(room)
+    assert len(data) <= room or not whole
+    decoded = independent_profile(data)
+    assert decoded["ranges"] == whole[:len(decoded["ranges"])]
+    assert decoded["flags"] & 2 == (2 if len(decoded["ranges"]) < len(whole) else 0)
+    assert decoded["clusters"] == sum(n for _, n in decoded["ranges"])
+    assert profile_ext.Profile.decode(data).ranges == decoded["ranges"]
+
+
+def test_small_clusters_leave_no_room_for_a_profile(tmp_path: Path) -> None:
+    """2 KiB clusters: the header cluster cannot spare the room a profile needs.
+    Creating one is refused; a cache without one serves and records nothing."""
+    base = make_base(tmp_path / "base.raw", 1 * MiB, seed=11)
+    trace = tmp_path / "boot.trace"
+    trace.write_text("0.0 0 4096\n")
+    cache = tmp_path / "cache.qcow2"
+    args = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=2048", "--cache-quota", "1M",
+            "-b", "base.raw", "-F", "raw"]
+    proc = bootcache_cli(*args, "--cache-profile", trace, cache, check=False)
+    assert proc.returncode != 0 and b"no room for a profile" in proc.stderr, proc.stderr
+    bootcache_cli(*args, cache)
+    with bootcache.open(str(cache)) as img:
+        assert img.read(4096, 8192) == base[4096:12288]
+    assert PROFILE_EXT not in header_facts(cache)["extensions"]
     assert_qemu_check(cache)

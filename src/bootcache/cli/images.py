@@ -203,7 +203,12 @@ def _add_profile(co: CreateOptions, path: str, size: int, quiet: bool) -> None:
     prof = prof.limited(quota // co.cluster_size)
     prof.flags |= profile_ext.FLAG_COMPLETE  # given, not recorded: the cache keeps it as is
     header, _, _ = build_header(size, co)
-    data = prof.encode(profile_ext.room_for_profile(header))
+    room = profile_ext.room_for_profile(header)
+    if room < profile_ext.FIXED_SIZE:
+        raise click.BadParameter(
+            f"{path}: the header cluster of a {co.cluster_size}-byte-cluster image has no "
+            "room for a profile; use clusters of 8 KiB or more", param_hint="--cache-profile")
+    data = prof.encode(room)
     co.extensions = (*co.extensions, (profile_ext.EXT_PROFILE, data))
     if not quiet and prof.clusters < named:
         why = "the header cluster holds no more" if prof.truncated else "its quota"

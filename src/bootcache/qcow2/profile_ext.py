@@ -332,8 +332,14 @@ def read_profile(header: fmt.Header) -> Profile | None:
 
 def store_profile(header: fmt.Header, profile: Profile) -> None:
     """Put the profile in the header (to be written by the next header rewrite),
-    cut to what fits."""
-    header.set_extension(EXT_PROFILE, profile.encode(room_for_profile(header)))
+    cut to what fits; with no room at all (small clusters), it stops recording
+    and is not stored."""
+    room = room_for_profile(header)
+    if room < FIXED_SIZE:
+        profile._cut(0)
+        header.set_extension(EXT_PROFILE, None)
+        return
+    header.set_extension(EXT_PROFILE, profile.encode(room))
 
 
 def fields(data: bytes, image_size: int) -> dict[str, Any]:
