@@ -88,9 +88,9 @@ class CacheProfileMixin:
             limit = limit * self.ext.high_watermark // 100
         return max(limit // self.cs - self._used(), 0)
 
-    def demand_misses(self) -> int:
-        """Reads so far that needed the base (it moves while readers miss)."""
-        return self.ext.misses
+    def reads_served(self) -> int:
+        """Reads served so far, hits and misses (it moves while guests read)."""
+        return self.ext.hits + self.ext.misses
 
     def demand_in_flight(self) -> int:
         """Clusters being fetched for readers (not for a prefetch)."""

@@ -3,12 +3,12 @@
 The prefetcher walks the profile in order, skips what the cache holds (so a
 restarted daemon resumes where it stopped), merges what is missing into
 requests of up to ``request_bytes`` and keeps at most ``concurrency`` of them
-in flight. Demand misses go first: no request starts while readers are
-waiting on the base, and while they were active lately only one small one at
-a time, so a reader's miss queues behind little on the link (see
-``_allowance``). It stops at the quota (it never evicts). It talks to the
-cache only through CacheProfileMixin's interface (``profile``, ``holds``,
-``room``, ``demand_in_flight``, ``demand_misses``, ``fill``).
+in flight. Readers go first: no request starts while guests are reading,
+and while they were active lately only one small one at a time, so a
+reader's miss queues behind little on the link (see ``_allowance``). It
+stops at the quota (it never evicts). It talks to the cache only through
+CacheProfileMixin's interface (``profile``, ``holds``, ``room``,
+``demand_in_flight``, ``reads_served``, ``fill``).
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ class Prefetcher:
         self.quiet = quiet
         self.calm = max(calm, quiet)
         # How often a waiting prefetch looks at the readers again (a miss that
-        # comes and goes meanwhile still shows in demand_misses).
+        # comes and goes meanwhile still shows in reads_served).
         self._poll = max(quiet / 4, 0.001)
         self._last_demand = time.monotonic()
-        self._last_misses = cache.demand_misses()
+        self._last_reads = cache.reads_served()
         #: Called with the bytes each finished request fetched.
         self.progress = progress
         self.result = PrefetchResult()
@@ -171,19 +171,20 @@ class Prefetcher:
     def _allowance(self) -> tuple[int, int]:
         """(requests that may be in flight, clusters per request) right now.
 
-        Readers' misses go first: none while a reader waited on the base in
-        the last ``quiet`` seconds; one small request while readers were
-        active in the last ``calm`` seconds (a miss arriving then queues
-        behind at most that much on the link); else full concurrency and
-        large requests.
+        Readers go first: none while a reader read (hit or miss) or waited on
+        the base in the last ``quiet`` seconds; one small request while they
+        were active in the last ``calm`` seconds (a miss arriving then queues
+        behind at most that much on the link, and a hit waits for little
+        work of ours in the event loop); else full concurrency and large
+        requests.
         """
         if not self.quiet:
             return self.concurrency, self.request_clusters
         now = time.monotonic()
-        misses = self.cache.demand_misses()
-        if self.cache.demand_in_flight() or misses != self._last_misses:
+        reads = self.cache.reads_served()
+        if self.cache.demand_in_flight() or reads != self._last_reads:
             self._last_demand = now
-            self._last_misses = misses
+            self._last_reads = reads
         idle = now - self._last_demand
         if idle < self.quiet:
             return 0, 0
