@@ -137,7 +137,7 @@ def storage(tmp_path: Path, sockdir: str) -> Iterator[tuple[Path, bytes, str]]:
 def test_prefetch_during_a_reader_storm_serves_correct_bytes_once(
         storage: tuple[Path, bytes, str]) -> None:
     tmp, base, sockdir = storage
-    link = SlowBase(tmp / "base.raw", sockdir, rate="64M")  # 16 MiB: about 2 s
+    link = SlowBase(tmp / "base.raw", sockdir, rate="16M")  # 16 MiB: about 8 s
     try:
         order = list(range(256))
         random.Random(1).shuffle(order)
@@ -147,13 +147,13 @@ def test_prefetch_during_a_reader_storm_serves_correct_bytes_once(
         daemon = Daemon(cache, sockdir)
         try:
             wait_for(lambda: daemon.stats()["prefetched_bytes"] > 0, 30, "prefetch start")
+            before = daemon.stats()["prefetched_bytes"]
+            assert before < len(base) * 3 // 4, "the prefetch is too far on for a storm"
             # Four qemu-img readers copy the whole disk while the prefetch runs.
             outs = [tmp / f"out{k}.raw" for k in range(4)]
             readers = [subprocess.Popen([QEMU_IMG, "convert", "-f", "raw", "-O", "raw",
                                          daemon.uri, out]) for out in outs]
-            during = daemon.stats()["prefetched_bytes"]
             assert all(r.wait(120) == 0 for r in readers)
-            assert during < len(base), "the prefetch had finished before the readers began"
             for out in outs:
                 assert out.read_bytes() == base, f"{out.name}: wrong bytes"
             wait_for(lambda: daemon.stats()["fetches_in_flight"] == 0, 30, "fetches done")
