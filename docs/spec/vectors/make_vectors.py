@@ -1,12 +1,12 @@
-"""Make the cache-image test vectors of docs/spec/cache-image.md (section 11).
+"""Make the cache-image test vectors of docs/spec/cache-image.md (sections 11, 13).
 
     python docs/spec/vectors/make_vectors.py [FOLDER]
 
 Writes base.qcow2, the cache images and one JSON file per cache image with the
 fields a reader following the spec decodes from it. Deterministic: running it
-again gives the same bytes. The cache extensions are built here with struct,
-straight from the spec's byte table, so that the vectors do not depend on
-bootcache's encoder; bootcache only lays out the qcow2 structures.
+again gives the same bytes. The cache and profile extensions are built here
+with struct, straight from the spec's byte tables, so that the vectors do not
+depend on bootcache's encoders; bootcache only lays out the qcow2 structures.
 
 The images are small on purpose: 1 MiB virtual size, 4 KiB clusters.
 """
@@ -26,6 +26,9 @@ from bootcache.qcow2.create import CreateOptions, create_qcow2
 from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE
 from bootcache.qcow2.image import Qcow2Image
 from bootcache.sources.file import FileSource
+
+EXT_PROFILE = 0x42435046  # "BCPF", section 13
+PROFILE_FIXED = struct.Struct(">IIQB3sIQ")  # section 13, bytes 0 - 31
 
 SIZE = 1 << 20
 CLUSTER = 4096
@@ -68,6 +71,36 @@ def extension(*, version: int = 1, flags: int = 0, quota: int, policy: int = 0,
                       len(identity), reserved) + identity + tail
 
 
+def uleb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def profile(ranges: list[tuple[int, int]], *, flags: int = 0, version: int = 1,
+            virtual_size: int = SIZE, cluster_bits: int = 12, count: int | None = None,
+            reserved: bytes = bytes(3), tail: bytes = b"") -> bytes:
+    """The profile extension's data as section 13's table lists it."""
+    body, prev_end = b"", 0
+    for start, n in ranges:
+        delta = start - prev_end
+        body += uleb128(delta * 2 if delta >= 0 else -delta * 2 - 1) + uleb128(n - 1)
+        prev_end = start + n
+    return PROFILE_FIXED.pack(version, flags, virtual_size, cluster_bits, reserved,
+                              len(ranges), sum(n for _, n in ranges) if count is None else count
+                              ) + body + tail
+
+
+def profile_fields(ext: bytes, ranges: list[tuple[int, int]], usable: bool) -> dict[str, Any]:
+    version, flags, vsize, cbits, _, nranges, clusters = PROFILE_FIXED.unpack_from(ext)
+    return {"length": len(ext), "version": version, "flags": flags, "virtual_size": vsize,
+            "cluster_bits": cbits, "range_count": nranges, "clusters": clusters,
+            "ranges": [list(r) for r in ranges], "usable": usable}
+
+
 def identity_json(ident: dict[str, Any]) -> bytes:
     return json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()
 
@@ -86,27 +119,30 @@ async def write_clusters(path: Path, clusters: dict[int, bytes]) -> None:
 
 
 def make_image(path: Path, *, backing: str | None, ext: bytes | None, autoclear: int,
-               clusters: dict[int, bytes]) -> None:
+               clusters: dict[int, bytes], prof: bytes | None = None) -> None:
     if path.exists():
         path.unlink()
+    exts: tuple[tuple[int, bytes], ...] = ((EXT_CACHE, ext),) if ext is not None else ()
+    if prof is not None:
+        exts += ((EXT_PROFILE, prof),)
     opts = CreateOptions(cluster_size=CLUSTER, backing_file=backing,
                          backing_fmt="qcow2" if backing else None,
-                         extensions=((EXT_CACHE, ext),) if ext is not None else (),
-                         autoclear=autoclear)
+                         extensions=exts, autoclear=autoclear)
     create_qcow2(str(path), SIZE, opts)
     if clusters:
         asyncio.run(write_clusters(path, clusters))
 
 
 def expected(description: str, *, ext: dict[str, Any] | None, autoclear: int,
-             used_clusters: int, usable: bool, backing: str | None = "base.qcow2"
-             ) -> dict[str, Any]:
+             used_clusters: int, usable: bool, backing: str | None = "base.qcow2",
+             prof: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "description": description,
         "qcow2": {"version": 3, "cluster_size": CLUSTER, "virtual_size": SIZE,
                   "backing_file": backing, "backing_format": "qcow2" if backing else None,
                   "autoclear_bit63": bool(autoclear & BIT63)},
         "cache_extension": ext,
+        "profile": prof,
         # Derived facts: used bytes from the L2 tables (section 6), and whether
         # a reader may use the image as a cache at all (sections 2 and 10).
         "used_bytes_from_l2": used_clusters * CLUSTER,
@@ -133,6 +169,7 @@ def main(out: Path) -> None:
                clusters={k: base_cluster(k) for k in BASE_CLUSTERS})
     base_file_size = (out / "base.qcow2").stat().st_size
     vectors: dict[str, tuple[bytes | None, int, dict[int, bytes], dict[str, Any]]] = {}
+    profiles: dict[str, bytes] = {}
 
     ext = extension(quota=512 * 1024)
     vectors["new"] = (ext, BIT63, {}, expected(
@@ -180,9 +217,49 @@ def main(out: Path) -> None:
         ext={"length": len(ext), "version": 2}, autoclear=BIT63, used_clusters=1,
         usable=False))
 
+    # Boot profiles (section 13).
+    ext = extension(quota=512 * 1024, counters=(0, 2, 4 * CLUSTER, 0, 4, 0, 4 * CLUSTER, 0))
+    ranges = [(100, 1), (0, 3)]
+    prof = profile(ranges)
+    profiles["profiled"] = prof
+    vectors["profiled"] = (ext, BIT63, {k: base_cluster(k) for k in (0, 1, 2, 100)}, expected(
+        "A cache that recorded its boot profile while filling: cluster 100 first, then "
+        "clusters 0 - 2 (the second range starts before the first one's end: a negative "
+        "delta). Still recording (flags 0).",
+        ext=fields(ext, {}), autoclear=BIT63, used_clusters=4, usable=True,
+        prof=profile_fields(prof, ranges, True)))
+
+    ranges = [(255, 1), (7, 2), (200, 1)]
+    prof = profile(ranges, flags=0x3 | 0x100, reserved=b"\x00\x07\x00", tail=bytes(5))
+    profiles["profile-truncated"] = prof
+    ext = extension(quota=512 * 1024)
+    vectors["profile-truncated"] = (ext, BIT63, {}, expected(
+        "A profile given at creation and cut to fit the header cluster: flags complete and "
+        "truncated, plus an unknown flag bit (0x100); nonzero reserved bytes and 5 bytes "
+        "after the last range, inside the length. All ignored; the profile is usable.",
+        ext=fields(ext, {}), autoclear=BIT63, used_clusters=0, usable=True,
+        prof=profile_fields(prof, ranges, True)))
+
+    ranges = [(10, 2), (250, 10)]
+    prof = profile(ranges, flags=1)
+    profiles["profile-outside"] = prof
+    vectors["profile-outside"] = (ext, BIT63, {}, expected(
+        "A profile with a range past the disk's end (clusters 250 - 259 of 256): the reader "
+        "ignores the profile (no prefetch) and keeps it as it is; the cache is usable.",
+        ext=fields(ext, {}), autoclear=BIT63, used_clusters=0, usable=True,
+        prof=profile_fields(prof, ranges, False)))
+
+    prof = profile([(0, 4)], virtual_size=2 * SIZE)
+    profiles["profile-other-size"] = prof
+    vectors["profile-other-size"] = (ext, BIT63, {}, expected(
+        "A profile recorded for a disk of another size (the image was resized since): "
+        "ignored by the reader.",
+        ext=fields(ext, {}), autoclear=BIT63, used_clusters=0, usable=True,
+        prof=profile_fields(prof, [(0, 4)], False)))
+
     for name, (ext_bytes, autoclear, clusters, facts) in vectors.items():
         make_image(out / f"{name}.qcow2", backing="base.qcow2", ext=ext_bytes,
-                   autoclear=autoclear, clusters=clusters)
+                   autoclear=autoclear, clusters=clusters, prof=profiles.get(name))
         (out / f"{name}.json").write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n")
 
 

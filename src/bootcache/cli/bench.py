@@ -42,14 +42,16 @@ def bench() -> None:
               "(default: debian12-minbase).")
 @click.option("--verify", type=click.Choice(["all", "sample"]), default="sample",
               show_default=True, help="Check every replayed read, or a sample.")
+@click.option("--runs", default=1, show_default=True,
+              help="Run every storm this many times and report medians.")
 @click.option("--out", "outdir", default="bench/out", show_default=True)
 def bootstorm(quick: bool, ns: str | None, gaps: str | None, configs: str | None, rate: str,
-              trace_path: str | None, verify: str, outdir: str) -> None:
+              trace_path: str | None, verify: str, runs: int, outdir: str) -> None:
     """N VMs booting at once from one remote base, with and without caches."""
     from bootcache.storm import bench as storm
 
     tr = tracemod.load_named(trace_path) if trace_path else tracemod.debian12()
-    s = storm.Settings(trace=tr, rate=rate, verify=verify)
+    s = storm.Settings(trace=tr, rate=rate, verify=verify, runs=max(runs, 1))
     if quick:
         s.ns, s.gap_scales, s.configs, s.verify = (1, 4), (0.0,), storm.QUICK_CONFIGS, "all"
     if ns:
@@ -159,6 +161,34 @@ def replay(uri: str, trace_path: str, n: int, gap_scale: float) -> None:
     times = sorted(r.seconds for r in results)
     click.echo(f"{n} VMs: slowest {times[-1]:.3f} s, fastest {times[0]:.3f} s, "
                f"mean {sum(times) / n:.3f} s, {sum(r.bytes for r in results) / 2**20:.1f} MiB read")
+
+
+@trace.command("to-profile")
+@click.argument("trace_path", metavar="TRACE")
+@click.option("-o", "output", required=True, help="Profile file to write (JSON).")
+@click.option("--size", required=True, help="Virtual size of the disk the trace was read "
+              "from (e.g. 4G).")
+@click.option("--cluster-size", default="64K", show_default=True,
+              help="Granularity of the profile.")
+def to_profile(trace_path: str, output: str, size: str, cluster_size: str) -> None:
+    """Convert a boot trace (trace record) into a boot profile: the clusters
+    it reads, in the order it first reads them."""
+    import os
+
+    from bootcache.cli.images import parse_size
+    from bootcache.errors import BootcacheError
+    from bootcache.qcow2 import profile_ext
+
+    try:
+        prof = profile_ext.load_file(trace_path, parse_size(size), parse_size(cluster_size))
+    except BootcacheError as e:
+        raise click.ClickException(str(e)) from e
+    tmp = output + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(profile_ext.dumps(prof))
+    os.replace(tmp, output)
+    click.echo(f"{output}: {prof.clusters} clusters ({prof.bytes} bytes) in "
+               f"{len(prof.ranges)} ranges", err=True)
 
 
 COMMANDS = [bench, trace]

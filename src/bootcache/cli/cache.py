@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bootcache.cli.images import CHECK_HOOKS, INFO_HOOKS, run
-from bootcache.errors import ImageFormatError
+from bootcache.errors import BootcacheError, ImageFormatError
 from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE
 from bootcache.qcow2.image import Qcow2Image
 from bootcache.sources.file import FileSource
 
 if TYPE_CHECKING:
+    from bootcache.qcow2 import profile_ext
     from bootcache.qcow2.check import CheckResult
 
 
@@ -59,6 +60,17 @@ async def cache_facts(img: Qcow2Image, warnings: list[str]) -> dict[str, Any] | 
         facts["low-watermark"] = ext.low_watermark
     for problem in ext.problems():
         warnings.append(f"{problem}: the image must not be used as a cache")
+    from bootcache.qcow2 import profile_ext
+
+    try:
+        prof = profile_ext.read_profile(img.header)
+    except ImageFormatError as e:
+        warnings.append(f"{e}: the boot profile is ignored")
+    else:
+        if prof is not None:
+            facts["profile"] = {"clusters": prof.clusters, "bytes": prof.bytes,
+                                "ranges": len(prof.ranges), "complete": prof.complete,
+                                "truncated": prof.truncated}
     return facts
 
 
@@ -96,6 +108,12 @@ async def _check_hook(img: Qcow2Image, res: CheckResult) -> None:
     if ext.used_bytes != used:
         res.note(f"Warning: cache extension: recorded used_bytes {ext.used_bytes} differs "
                  f"from the {used} bytes of data in the L2 tables (advisory only)")
+    from bootcache.qcow2 import profile_ext
+
+    try:
+        profile_ext.read_profile(img.header)
+    except ImageFormatError as e:
+        res.note(f"Warning: {e} (the boot profile is ignored)")
     if ext.quota and used > ext.quota:
         res.note(f"Warning: cache extension: {used} bytes cached exceed the quota "
                  f"{ext.quota}")
@@ -161,6 +179,107 @@ def stats(output: str, filename: str) -> None:
         return
     for key, value in data.items():
         click.echo(f"{key.replace('_', ' ')}: {value}")
+
+
+async def read_profile(path: str) -> profile_ext.Profile:
+    """The boot profile a cache image holds (no lock: a daemon may hold it)."""
+    from bootcache.layers.cache import read_extension
+    from bootcache.qcow2 import profile_ext
+
+    source = FileSource(path, lock=False)
+    try:
+        img = await Qcow2Image.open(source, name=path)
+        if read_extension(img) is None:
+            raise ImageFormatError(f"{path}: not a cache image")
+        prof = profile_ext.read_profile(img.header)
+        if prof is None:
+            raise BootcacheError(f"{path}: no boot profile yet (a cache records one as it "
+                                 "fetches from its base)")
+        return prof
+    finally:
+        await source.close()
+
+
+def _describe(prof: profile_ext.Profile) -> list[str]:
+    state = "complete" if prof.complete else "still recording"
+    if prof.truncated:
+        state += ", truncated to fit the header cluster"
+    out = [f"virtual size: {prof.virtual_size}",
+           f"cluster size: {prof.cluster_size}",
+           f"profile: {prof.clusters} clusters ({prof.bytes} bytes) in {len(prof.ranges)} "
+           f"ranges, {state}"]
+    for start, count in prof.ranges[:10]:
+        out.append(f"  clusters {start} - {start + count - 1}")
+    if len(prof.ranges) > 10:
+        out.append(f"  ... {len(prof.ranges) - 10} more ranges")
+    return out
+
+
+@cache.command()
+@click.option("-o", "output_file", metavar="FILE", help="Write the profile to FILE (JSON).")
+@click.option("--output", type=click.Choice(["human", "json"]), default="human")
+@click.argument("filename")
+def profile(output_file: str | None, output: str, filename: str) -> None:
+    """Show or export the boot profile of a cache image: the order in which
+    it first fetched its clusters (bootcache create --cache-profile takes it)."""
+    from bootcache.qcow2 import profile_ext
+
+    prof = run(read_profile(filename))
+    if output_file:
+        tmp = output_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(profile_ext.dumps(prof))
+        os.replace(tmp, output_file)
+    if output == "json":
+        click.echo(profile_ext.dumps(prof), nl=False)
+    elif not output_file:
+        click.echo("\n".join(_describe(prof)))
+
+
+@cache.command()
+@click.option("--concurrency", default=4, show_default=True, help="Requests in flight.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.argument("filename")
+def warm(concurrency: int, quiet: bool, filename: str) -> None:
+    """Fetch every cluster the cache's boot profile names and it does not
+    hold (up to the quota), then exit. The cache must not be in use."""
+    from bootcache.layers.cache import CacheLayer
+    from bootcache.layers.chain import ChainPolicy, open_layer
+    from bootcache.layers.prefetch import Prefetcher
+
+    async def main() -> tuple[str, int, int]:
+        layer = await open_layer(filename, policy=ChainPolicy.from_env())
+        try:
+            if not isinstance(layer, CacheLayer):
+                raise ImageFormatError(f"{filename}: not a cache image")
+            if layer.profile is None or not layer.profile.ranges:
+                raise BootcacheError(f"{filename}: the cache has no boot profile to warm from "
+                                     "(bootcache create --cache-profile gives it one)")
+            pre = Prefetcher(layer, concurrency=concurrency, quiet=0)
+            planned = pre.planned_bytes()
+            bar = _progress_bar(planned, quiet)
+            pre.progress = bar.update
+            try:
+                res = await pre.run()
+            finally:
+                bar.close()
+            if res.outcome == "failed":
+                raise BootcacheError(f"{filename}: warming failed; see the warning above")
+            return res.outcome, res.fetched_bytes, planned
+        finally:
+            await layer.close()
+
+    outcome, fetched, planned = run(main())
+    note = " (the cache is full: its quota is reached)" if outcome == "quota" else ""
+    click.echo(f"{filename}: fetched {fetched} of {planned} bytes the profile names and the "
+               f"cache did not hold{note}", err=True)
+
+
+def _progress_bar(total: int, quiet: bool) -> Any:
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="warming",
+                disable=quiet or None, leave=False)
 
 
 COMMANDS = [cache]

@@ -95,7 +95,9 @@ def stats(ctx: click.Context, name: str | None, output: str) -> None:
 
 def _cache_line(c: dict[str, Any]) -> str:
     return (f"{c['hits']} hits, {c['misses']} misses, {c['bytes_from_base']} bytes from base, "
-            f"{c['used_bytes']} of {c['quota']} bytes used")
+            f"{c['used_bytes']} of {c['quota']} bytes used, "
+            f"{c.get('prefetched_bytes', 0)} bytes prefetched, "
+            f"{c.get('prefetch_hits', 0)} hits on prefetched clusters")
 
 
 @ctl.command()

@@ -145,11 +145,14 @@ async def _backing_size(image: str, backing: str, backing_fmt: str | None) -> in
               help="What a full cache does: stop caching (default) or evict LRU clusters.")
 @click.option("--cache-on-stale", type=click.Choice(["reset", "refuse"]),
               help="When the base changed: drop the cache (default) or refuse to serve.")
+@click.option("--cache-profile", metavar="FILE",
+              help="Start the cache with this boot profile (a profile file or a boot trace).")
 @click.argument("filename")
 @click.argument("size", required=False)
 def create(image_fmt: str, backing: str | None, backing_fmt: str | None, options: str | None,
            unsafe: bool, quiet: bool, cache_quota: str | None, cache_policy: str | None,
-           cache_on_stale: str | None, filename: str, size: str | None) -> None:
+           cache_on_stale: str | None, cache_profile: str | None, filename: str,
+           size: str | None) -> None:
     """Create an image (sizes take K, M, G, T suffixes).
 
     A cache image is created with -o cache_img_quota=BYTES or --cache-quota.
@@ -164,6 +167,8 @@ def create(image_fmt: str, backing: str | None, backing_fmt: str | None, options
             opts[key] = value
     if any(k in opts for k in CACHE_KEYS) and "cache_img_quota" not in opts:
         raise click.UsageError("cache options need a quota (--cache-quota or cache_img_quota)")
+    if cache_profile and "cache_img_quota" not in opts:
+        raise click.UsageError("--cache-profile is for cache images: give --cache-quota too")
     if "size" in opts and size is None:
         size = opts.pop("size")
     opts.pop("size", None)
@@ -190,11 +195,42 @@ def create(image_fmt: str, backing: str | None, backing_fmt: str | None, options
             raise click.UsageError("a size is needed (or a backing file to take it from)")
         if co.extensions and not co.backing_file:
             raise click.UsageError("a cache image needs a base: give -b BACKING")
+        if cache_profile:
+            _add_profile(co, cache_profile, nbytes, quiet)
         create_qcow2(filename, nbytes, co)
     if not quiet:
         extra = f" backing_file={co.backing_file}" if co.backing_file else ""
         extra += f" backing_fmt={co.backing_fmt}" if co.backing_fmt else ""
         click.echo(f"Formatting '{filename}', fmt={image_fmt} size={nbytes}{extra}")
+
+
+def _add_profile(co: CreateOptions, path: str, size: int, quiet: bool) -> None:
+    """Put a boot profile into the new cache image's header (checked against
+    the image first: a bad profile is refused before anything is written)."""
+    from bootcache.qcow2 import cache_ext, profile_ext
+    from bootcache.qcow2.create import build_header
+
+    try:
+        prof = profile_ext.load_file(path, size, co.cluster_size)
+    except BootcacheError as e:
+        raise click.BadParameter(str(e), param_hint="--cache-profile") from e
+    quota = next(cache_ext.CacheExtension.decode(data).quota
+                 for kind, data in co.extensions if kind == fmt.EXT_CACHE)
+    named = prof.clusters
+    prof = prof.limited(quota // co.cluster_size)
+    prof.flags |= profile_ext.FLAG_COMPLETE  # given, not recorded: the cache keeps it as is
+    header, _, _ = build_header(size, co)
+    room = profile_ext.room_for_profile(header)
+    if room < profile_ext.FIXED_SIZE:
+        raise click.BadParameter(
+            f"{path}: the header cluster of a {co.cluster_size}-byte-cluster image has no "
+            "room for a profile; use clusters of 8 KiB or more", param_hint="--cache-profile")
+    data = prof.encode(room)
+    co.extensions = (*co.extensions, (profile_ext.EXT_PROFILE, data))
+    if not quiet and prof.clusters < named:
+        why = "the header cluster holds no more" if prof.truncated else "its quota"
+        click.echo(f"warning: the profile names {named} clusters; the cache keeps the first "
+                   f"{prof.clusters} ({why})", err=True)
 
 
 # -- info ---------------------------------------------------------------------

@@ -76,6 +76,8 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 @click.option("--tls-required", is_flag=True, help="Refuse clients that do not use TLS.")
 @click.option("--readahead", metavar="SIZE", default=None,
               help="Cache exports: also fetch this much beyond each miss (e.g. 256K).")
+@click.option("--no-prefetch", is_flag=True,
+              help="Caches do not prefetch the clusters their boot profile names.")
 @click.option("--remote-option", "remote_options", multiple=True, metavar="KEY=VALUE",
               help="Remote bases: deadline, timeout, retries, ... (repeatable).")
 @click.option("-v", "--verbose", count=True, help="Log more (-vv for debug).")
@@ -84,7 +86,8 @@ def serve(config_path: str | None, socket_path: str | None, socket_mode: str | N
           socket_group: str | None, listen: tuple[str, ...], control_path: str | None,
           metrics: str | None, read_only: bool, tls_cert: str | None, tls_key: str | None,
           tls_ca: str | None, tls_required: bool, readahead: str | None,
-          remote_options: tuple[str, ...], verbose: int, images: tuple[str, ...]) -> None:
+          no_prefetch: bool, remote_options: tuple[str, ...], verbose: int,
+          images: tuple[str, ...]) -> None:
     """Serve IMAGEs (and the catalog of --config) over NBD until SIGTERM."""
     cfg = configmod.load(config_path) if config_path else NodeConfig()
     # Command-line options override the file's.
@@ -108,6 +111,8 @@ def serve(config_path: str | None, socket_path: str | None, socket_mode: str | N
     cfg.read_only = read_only
     if readahead is not None:
         cfg.readahead = _option(configmod.parse_size, readahead, "--readahead")
+    if no_prefetch:
+        cfg.prefetch = False
     for opt in remote_options:
         key, sep, value = opt.partition("=")
         if not sep:

@@ -8,6 +8,7 @@
     control = "/run/bootcache/bootcache.ctl"   # default: socket + ".ctl"
     metrics = "127.0.0.1:9410"                 # Prometheus /metrics
     readahead = "256K"                         # caches fetch this past a miss
+    prefetch = true                            # caches prefetch their boot profile
 
     [tls]                                      # optional
     cert = "/etc/bootcache/server.pem"
@@ -66,6 +67,8 @@ class NodeConfig:
     control: str | None = None
     metrics: tuple[str, int] | None = None
     readahead: int = 0
+    #: Caches fetch the clusters their boot profile names in the background.
+    prefetch: bool = True
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -123,7 +126,7 @@ def parse_address(text: str) -> tuple[str, int]:
 
 _SECTIONS: dict[str, set[str]] = {
     "server": {"socket", "socket_mode", "socket_group", "listen", "control", "metrics",
-               "readahead"},
+               "readahead", "prefetch"},
     "tls": {"cert", "key", "ca", "required"},
     "backing": {"dirs", "trust"},
     "remote": {"timeout", "connect_timeout", "deadline", "retries", "backoff", "backoff_max",
@@ -261,6 +264,8 @@ def _set(cfg: NodeConfig, section: str, key: str, value: Any) -> None:
         elif key == "readahead":
             cfg.readahead = parse_size(_string(value)) if isinstance(value, str) else \
                 _nonneg(value)
+        elif key == "prefetch":
+            cfg.prefetch = _bool(value)
     elif section == "tls":
         if key == "required":
             cfg.tls_required = _bool(value)

@@ -35,6 +35,8 @@ _CACHE_COUNTERS = [
     ("evictions", "evictions", "Clusters evicted to stay under the quota"),
     ("resets", "resets", "Times the cache was dropped because the base changed"),
     ("background_errors", "background_errors", "Background stores, flushes or checks that failed"),
+    ("prefetched_bytes", "prefetched_bytes", "Bytes fetched ahead from the boot profile"),
+    ("prefetch_hits", "prefetch_hits", "Reads served from clusters a prefetch fetched"),
 ]
 _CACHE_GAUGES = [
     ("quota", "quota_bytes", "Cache quota"),

@@ -85,6 +85,7 @@ def policy_of(cfg: NodeConfig) -> ChainPolicy:
     if cfg.readahead:
         policy.cache_readahead = cfg.readahead
     policy.remote_options = dict(cfg.remote)
+    policy.cache_prefetch = cfg.prefetch
     return policy
 
 

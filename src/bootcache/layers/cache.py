@@ -24,7 +24,8 @@ from typing import Any
 from bootcache.block.graph import NodeRef
 from bootcache.block.layer import BlockLayer, Extent, chain_of
 from bootcache.errors import BootcacheError, ImageCorruptError, ImageFormatError, StaleBaseError
-from bootcache.qcow2 import cache_ext
+from bootcache.layers.cache_profile import CacheProfileMixin
+from bootcache.qcow2 import cache_ext, profile_ext
 from bootcache.qcow2.cache_ext import CacheExtension
 from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE
 from bootcache.qcow2.image import DATA, UNALLOC, Qcow2Image
@@ -59,7 +60,7 @@ async def base_identity(base: BlockLayer) -> dict[str, Any]:
     return ident
 
 
-class CacheLayer(BlockLayer):
+class CacheLayer(CacheProfileMixin, BlockLayer):
     """A read-only view of a base, filling a cache image on the way."""
 
     self_writing = True
@@ -104,6 +105,7 @@ class CacheLayer(BlockLayer):
         self._pread_now: Callable[[int, int], bytes] | None = getattr(
             img.source, "pread_now", None)
         self._flush_task: asyncio.Task[None] | None = None
+        self._init_profile()
 
     @property
     def base(self) -> BlockLayer:
@@ -121,6 +123,7 @@ class CacheLayer(BlockLayer):
         if ext is None:
             raise ImageFormatError(f"{img.name}: not a cache image")
         layer = cls(img, ext)
+        layer._load_profile()
         await layer._reclaim_leaks()
         for ci in await img.allocated_clusters():
             layer.cached[ci] = None
@@ -248,6 +251,8 @@ class CacheLayer(BlockLayer):
                 ext = self.ext
                 ext.hits += 1
                 ext.bytes_from_cache += length
+                if self.prefetched:
+                    self._count_prefetch_hit(offset, length)
                 if ext.policy == cache_ext.POLICY_LRU and offset // self.cs in self.cached:
                     self.cached.move_to_end(offset // self.cs)
                 return self._pread_now(host, length)
@@ -260,6 +265,8 @@ class CacheLayer(BlockLayer):
                 ext.hits += 1
                 ext.bytes_from_cache += length
                 self._dirty_counters = True
+                if self.prefetched:
+                    self._count_prefetch_hit(offset, length)
                 if ext.policy == cache_ext.POLICY_LRU:
                     self._touch(offset, length)
                 return await img.source.pread(runs[0][3], length)
@@ -308,6 +315,8 @@ class CacheLayer(BlockLayer):
 
     async def close(self) -> None:
         try:
+            for hook in self.on_close:
+                await hook()  # a prefetch stops before the stores settle
             # Let stores in progress land (they are part of what close persists).
             await self.settle()
             if self._flush_task is not None:
@@ -396,6 +405,7 @@ class CacheLayer(BlockLayer):
                 self.inflight.pop(ci, None)
             raise
         self.ext.bytes_from_base += n
+        self._record_profile(start, count)
         view = memoryview(data)
         for k, fut in enumerate(futs):
             fut.set_result(bytes(view[k * cs:(k + 1) * cs]))
@@ -580,6 +590,9 @@ class CacheLayer(BlockLayer):
         """Write the extension (counters, identity) and the consistency bit."""
         self._last_flush = time.monotonic()
         self.img.header.set_extension(EXT_CACHE, self.ext.encode())
+        if self._profile_dirty and self.profile is not None:
+            profile_ext.store_profile(self.img.header, self.profile)
+            self._profile_dirty = False
         try:
             await self.img.rewrite_header()
         except OSError as e:
@@ -597,7 +610,8 @@ class CacheLayer(BlockLayer):
         out.update(quota=self.ext.quota, policy=cache_ext.POLICY_NAMES[self.ext.policy],
                    cached_clusters=len(self.cached), cluster_size=self.cs,
                    background_errors=self.background_errors,
-                   fetches_in_flight=len(self.inflight))
+                   fetches_in_flight=len(self.inflight), prefetched_bytes=self.prefetched_bytes,
+                   prefetch_hits=self.prefetch_hits)
         out.update(self.base.metrics())  # the base's source counters, if remote
         return out
 

@@ -176,9 +176,12 @@ def nbdkit_cache_node(workdir: str, upstream_sock: str) -> Process:
 
 
 def create_cache(path: str, base_uri: str, quota: int, size: int,
-                 run: Callable[[list[str]], None] | None = None) -> None:
+                 run: Callable[[list[str]], None] | None = None,
+                 profile: str | None = None) -> None:
     argv = [sys.executable, "-m", "bootcache", "create", "-q", "-f", "qcow2",
             "--cache-quota", str(quota), "-b", base_uri, "-F", "raw", path, str(size)]
+    if profile:
+        argv[-2:-2] = ["--cache-profile", profile]
     if os.path.exists(path):
         os.unlink(path)
     (run or _run)(argv)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bootcache.errors import BootcacheError
 from bootcache.nbd.client import NbdConnection, parse_nbd_uri
@@ -27,6 +27,8 @@ class VmResult:
     reads: int
     bytes: int
     verified: int
+    #: Seconds each read took, from request to reply (in trace order).
+    latencies: list[float] = field(default_factory=list)
 
 
 class WrongBytes(BootcacheError):
@@ -49,9 +51,12 @@ async def replay_one(uri: str, trace: Trace, *, gap_scale: float = 0.0,
         debt = 0.0
         verified = 0
         nbytes = 0
+        latencies = []
         t0 = time.perf_counter()
         for i, r in enumerate(reqs):
+            sent = time.perf_counter()
             data = await conn.pread(r.offset, r.length)
+            latencies.append(time.perf_counter() - sent)
             nbytes += len(data)
             if expected is not None and i % verify_every == 0:
                 if data != expected(r.offset, r.length):
@@ -63,7 +68,7 @@ async def replay_one(uri: str, trace: Trace, *, gap_scale: float = 0.0,
                     before = time.perf_counter()
                     await asyncio.sleep(debt)
                     debt -= time.perf_counter() - before
-        return VmResult(time.perf_counter() - t0, len(reqs), nbytes, verified)
+        return VmResult(time.perf_counter() - t0, len(reqs), nbytes, verified, latencies)
     finally:
         await conn.close()
 
