@@ -29,6 +29,7 @@ from cache.conftest import (
     make_base,
     pattern_base,
     run,
+    wait_for,
 )
 
 SIZE = 4 * MiB
@@ -235,14 +236,24 @@ def test_metrics_scraped_over_http(tmp_path: Path, daemons: Any) -> None:
     d = daemons(f"{cache}=deb", str(tmp_path / "vm1.qcow2"), "--metrics", "127.0.0.1:0")
     assert nbdcopy_out(d.uri("vm1")) == base
     assert nbdcopy_out(d.uri("deb")) == base
-    with urllib.request.urlopen(d.where["metrics"], timeout=30) as resp:
-        assert resp.status == 200
-        text = resp.read().decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(d.where["metrics"], timeout=30) as resp:
+            assert resp.status == 200
+            text = resp.read().decode()
+        samples.clear()
+        samples.update({(s.name, tuple(sorted(s.labels.items()))): s.value
+                        for fam in text_string_to_metric_families(text) for s in fam.samples})
+        return samples
 
     def value(name: str, **labels: str) -> float:
         return samples[(name, tuple(sorted(labels.items())))]
+
+    # nbdcopy has exited, but the daemon notices its disconnects on its own time.
+    wait_for(lambda: scrape() and all(
+        value("bootcache_export_connections", export=e) == 0 for e in ("deb", "vm1")),
+        30, "the nbdcopy connections closed")
 
     image = str(cache)
     assert value("bootcache_cache_bytes_from_base_total", image=image) == SIZE
