@@ -15,7 +15,7 @@ from bootcache.errors import SourceError, StaleBaseError
 from bootcache.sources.http import HttpSource
 from bootcache.sources.resilience import RemoteOptions, SourceChangedError
 
-from .conftest import FaultyHttpServer, NginxServer, wait_until
+from .conftest import FaultyHttpServer, NginxServer, free_port, wait_until
 
 FAST = RemoteOptions(timeout=1.0, connect_timeout=0.5, deadline=3.0, retries=20,
                      backoff=0.02, backoff_max=0.2)
@@ -293,3 +293,28 @@ def test_options_are_checked() -> None:
     short = RemoteOptions.from_mapping({"timeout": "1"})
     assert (short.connect_timeout, short.deadline) == (1.0, RemoteOptions().deadline)
     assert RemoteOptions.from_mapping({"timeout": 100}).deadline == 100
+
+
+def test_proxy_from_environment_is_read_once(faulty_http: FaultyHttpServer,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP_PROXY is honoured, and read at open: nothing listens at the URL's
+    own port, so every byte must come through the proxy named at open, even
+    after the environment changes."""
+    url = f"http://127.0.0.1:{free_port()}/object"  # nothing listens there
+    for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{faulty_http.port}")
+
+    async def go() -> None:
+        src = await HttpSource.open(url, FAST)
+        try:
+            monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+            before = faulty_http.requests
+            assert await src.pread(4096, 8192) == faulty_http.data[4096:12288]
+            assert faulty_http.requests == before + 1
+        finally:
+            await src.close()
+        with pytest.raises(SourceError):  # without trust_env, the URL's own (dead) port
+            await HttpSource.open(url, FAST, trust_env=False)
+
+    asyncio.run(go())
