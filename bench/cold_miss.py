@@ -22,7 +22,7 @@ fetched from the base.
 
 Usage:
     .venv/bin/python bench/cold_miss.py [--source file,http] [--readers 1,8]
-        [--repeat 3] [--loop uvloop] [--trace PATH] [--json FILE]
+        [--repeat 3] [--loop uvloop] [--plain] [--trace PATH] [--json FILE]
 """
 
 from __future__ import annotations
@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--trace", help="a boot trace file (default: the Debian 12 one)")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    ap.add_argument("--plain", action="store_true",
+                    help="no phase split (for running under a sampling profiler)")
     ap.add_argument("--json")
     args = ap.parse_args()
     trace = load(args.trace) if args.trace else debian12()
@@ -174,7 +176,7 @@ def main() -> None:
                 for k in [int(x) for x in args.readers.split(",")]:
                     plain, metered = [], []
                     for _ in range(args.repeat):
-                        for runs, phases in ((plain, False), (metered, True)):
+                        for runs, phases in ((plain, False), (metered, True))[:2 - args.plain]:
                             n += 1
                             cache = make_cache(work, uri, size, n)
                             runs.append(runner(replay(cache, requests, k, phases)))
@@ -184,8 +186,8 @@ def main() -> None:
                         row[key] = round(statistics.median(r[key] for r in plain), 1)
                     # The split comes from the metered runs (their thread_time
                     # calls add to each phase): shown as shares of their total.
-                    total = statistics.median(r["loop_us"] for r in metered)
-                    for ph in (*PHASES, "bookkeeping"):
+                    total = statistics.median(r["loop_us"] for r in metered or plain)
+                    for ph in (*PHASES, "bookkeeping") if metered else ():
                         share = statistics.median(r[f"{ph}_us"] / r["loop_us"] for r in metered)
                         row[f"{ph}_us"] = round(share * row["loop_us"], 1)
                     row["meter_overhead_us"] = round(total - row["loop_us"], 1)
@@ -200,7 +202,7 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---:" for _ in cols) + "|")
     for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+        print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

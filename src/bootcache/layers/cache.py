@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from bootcache.block.graph import NodeRef
-from bootcache.block.layer import BlockLayer, Extent, chain_of
+from bootcache.block.layer import NOWAIT_MAX, BlockLayer, Extent, chain_of
 from bootcache.errors import BootcacheError, ImageCorruptError, ImageFormatError, StaleBaseError
 from bootcache.qcow2 import cache_ext
 from bootcache.qcow2.cache_ext import CacheExtension
@@ -226,6 +226,39 @@ class CacheLayer(BlockLayer):
     def identity(self) -> dict[str, Any]:
         return self.img.identity()
 
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        if (self._resetting is not None or self._refusal is not None or offset < 0
+                or length > NOWAIT_MAX or offset + length > self.img.size):
+            return None
+        now = time.monotonic_ns()
+        if self._version_interval_ns and now - self._version_checked >= self._version_interval_ns:
+            self._version_checked = now
+            self._background(self._check_version(), "version check")
+        if now - self._fp_checked >= _FINGERPRINT_INTERVAL_NS:
+            if self.base.fingerprint() != self._base_fp:
+                return None  # the base changed: pread() deals with it
+            self._fp_checked = now
+        return self._hit_now(offset, length)
+
+    def _hit_now(self, offset: int, length: int) -> bytes | None:
+        """A hit on host-contiguous cached clusters, looked up and read without
+        yielding (so no release can intervene between lookup and read)."""
+        if self._pread_now is None:
+            return None
+        host = self.img.data_host(offset, length)
+        if host < 0:
+            return None
+        ext = self.ext
+        ext.hits += 1
+        ext.bytes_from_cache += length
+        if ext.policy == cache_ext.POLICY_LRU:
+            ci = offset // self.cs
+            if (offset + length - 1) // self.cs != ci:
+                self._touch(offset, length)
+            elif ci in self.cached:
+                self.cached.move_to_end(ci)
+        return self._pread_now(host, length)
+
     async def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.img.size:
             self.check_range(offset, length)
@@ -250,18 +283,12 @@ class CacheLayer(BlockLayer):
             generation = self._generation
             if self.base.fingerprint() != self._base_fp:
                 await self._base_changed(generation)
+        if length <= NOWAIT_MAX:
+            # The hot path: a hit on host-contiguous clusters, one pread.
+            data = self._hit_now(offset, length)
+            if data is not None:
+                return data
         img = self.img
-        if self._pread_now is not None:
-            host = img.data_host(offset, length)
-            if host >= 0:
-                # The hot path: a hit in one cluster, read without yielding
-                # (so no release can intervene between lookup and read).
-                ext = self.ext
-                ext.hits += 1
-                ext.bytes_from_cache += length
-                if ext.policy == cache_ext.POLICY_LRU and offset // self.cs in self.cached:
-                    self.cached.move_to_end(offset // self.cs)
-                return self._pread_now(host, length)
         # While this read maps and reads cached runs, the clusters it mapped are
         # not released for reuse. Misses only start their fetches in there: the
         # base is waited for outside, so frees never wait on a remote base.
