@@ -14,7 +14,8 @@ the requests in trace order, against:
 The same client (bootcache's NBD client, in this process) drives every
 server, and every byte read is compared with the base. Runs of the servers
 alternate; the median of ``--repeat`` runs is reported with the ratio to
-nbdkit (time / nbdkit's time) and, with ``--s3``, S3 to HTTP.
+nbdkit (time / nbdkit's time) and, with ``--s3``, S3 to HTTP, and each
+server's CPU time (user + system, all threads) during the replay.
 
 Usage:
     .venv/bin/python bench/cold_http.py [--readers 1,8] [--repeat 3] [--s3]
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -39,6 +41,12 @@ from bootcache.nbd.client import NbdConnection, parse_nbd_uri
 from bootcache.storm.nodes import Process, bootcache_serve, create_cache, need
 from bootcache.storm.trace import debian12, load
 from remote_read import compact, start_http, start_s3, workdir
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def replay(uri: str, requests: list[Any], readers: int, base: bytes) -> float:
@@ -64,14 +72,22 @@ async def replay(uri: str, requests: list[Any], readers: int, base: bytes) -> fl
     return seconds
 
 
+#: Server CPU seconds per replay, by server.
+CPU: dict[str, list[float]] = {}
+
+
 def run_bootcache(work: Path, name: str, base_uri: str, size: int, requests: list[Any],
                   readers: int, base: bytes) -> float:
     image = str(work / f"{name}.qcow2")
     create_cache(image, base_uri, 1 << 30, size)
     proc = bootcache_serve(str(work), name, image).start()
     try:
-        return asyncio.run(replay(f"nbd+unix:///boot?socket={proc.sock}", requests,
-                                  readers, base))
+        assert proc.proc is not None
+        cpu0 = cpu_seconds(proc.proc.pid)
+        seconds = asyncio.run(replay(f"nbd+unix:///boot?socket={proc.sock}", requests,
+                                     readers, base))
+        CPU.setdefault(name, []).append(cpu_seconds(proc.proc.pid) - cpu0)
+        return seconds
     finally:
         proc.stop()
         Path(image).unlink()
@@ -83,7 +99,11 @@ def run_nbdkit(work: Path, url: str, requests: list[Any], readers: int, base: by
             "cache-on-read=true"]
     proc = Process("nbdkit cache+curl", argv, sock, str(work / "nbdkit.out")).start()
     try:
-        return asyncio.run(replay(f"nbd+unix:///?socket={sock}", requests, readers, base))
+        assert proc.proc is not None
+        cpu0 = cpu_seconds(proc.proc.pid)
+        seconds = asyncio.run(replay(f"nbd+unix:///?socket={sock}", requests, readers, base))
+        CPU.setdefault("nbdkit", []).append(cpu_seconds(proc.proc.pid) - cpu0)
+        return seconds
     finally:
         proc.stop()
 
@@ -126,6 +146,8 @@ def main() -> None:
                 row["http_vs_nbdkit"] = round(med["bootcache-http"] / med["nbdkit-curl"], 2)
                 if args.s3:
                     row["s3_vs_http"] = round(med["bootcache-s3"] / med["bootcache-http"], 2)
+                row["server_cpu_s"] = {n: round(statistics.median(c), 3) for n, c in CPU.items()}
+                CPU.clear()
                 row["runs"] = {n: [round(t, 3) for t in ts] for n, ts in times.items()}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
