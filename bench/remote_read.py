@@ -384,8 +384,8 @@ def curl_fetch(work: Path, uri: str, ranges: list[tuple[int, int]], readers: int
         for off, n in ranges))
     link0 = rx()
     t0 = time.monotonic()
-    subprocess.run(["curl", "-s", "-S", "--fail", "--parallel", "--parallel-max", str(readers),
-                    "--config", str(cfg)], check=True)
+    subprocess.run(["curl", "--no-progress-meter", "--fail", "--parallel",
+                    "--parallel-max", str(readers), "--config", str(cfg)], check=True)
     seconds = time.monotonic() - t0
     payload = sum(n for _, n in ranges)
     return Result("curl " + ("s3" if auth else "http"), readers, seconds, payload,
