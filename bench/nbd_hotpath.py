@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Any
 
-from bootcache.cli.serve import open_image
+from bootcache.layers.chain import open_layer
 from bootcache.layers.raw import RawLayer
 from bootcache.nbd import wire as w
 from bootcache.nbd.server import NBDProtocol, NBDServer
@@ -76,7 +76,7 @@ async def run(requests: int, profile: bool, image: str | None) -> None:
         f.write(os.urandom(size))
         f.flush()
         if image:
-            layer = await open_image(image, writable=False)
+            layer = await open_layer(image)
             size = layer.size
             for off in range(0, size, 1 << 20):  # warm it (fills a cache image)
                 await layer.pread(off, min(1 << 20, size - off))

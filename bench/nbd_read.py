@@ -43,6 +43,9 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python")
 WORKLOADS = {
     "4k-randread-qd16": ["--rw=randread", "--bs=4k", "--iodepth=16"],
     "1m-seqread-qd4": ["--rw=read", "--bs=1M", "--iodepth=4"],
+    # 64 connections at once, one request each in flight: a node with 64 VMs.
+    "4k-randread-64conn": ["--rw=randread", "--bs=4k", "--iodepth=1", "--numjobs=64",
+                           "--group_reporting"],
 }
 
 
@@ -84,7 +87,7 @@ def server(kind: str, image: str, sock: str,
         cmd = ["nbdkit", "--foreground", "--readonly", "--unix", sock, "file", image]
     else:
         cmd = ["qemu-nbd", "--read-only", "--format=raw", "--persistent",
-               "--shared=8", "--socket", sock, image]
+               "--shared=64", "--socket", sock, image]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_socket(sock, proc)

@@ -29,9 +29,14 @@ of the shaped rate with a 1500 MTU and TCP timestamps.
 Needs root (ip netns, veth, tc). Without it, or where namespaces are
 refused, it falls back to nbdkit's rate filter for the NBD source alone.
 
+With ``--curl``, each HTTP or S3 pass is followed by curl fetching the
+ranges that pass read from the source, with the same concurrency
+(``--parallel --parallel-max N``; S3 requests signed by curl's
+``--aws-sigv4``), bodies discarded: the peer for goodput.
+
 Usage:
     .venv/bin/python bench/remote_read.py [--rate 100mbit] [--readers 1,8]
-        [--sources http,s3,nbdkit,qemu-nbd] [--repeat 1] [--json FILE]
+        [--sources http,s3,nbdkit,qemu-nbd] [--repeat 1] [--curl] [--json FILE]
         [--trace debian12-minbase|debian12-services|FILE]
 """
 
@@ -314,10 +319,17 @@ class Result:
 
 
 async def replay(cache: Path, requests: list[Request], readers: int, source: str,
-                 rx: Any) -> Result:
+                 rx: Any, fetched: list[tuple[int, int]] | None = None) -> Result:
     layer = await open_layer(str(cache))
     assert isinstance(layer, CacheLayer)
     src = layer.base.source  # type: ignore[attr-defined]
+    if fetched is not None:  # note the ranges read from the source, for curl
+        real = src.pread
+
+        async def noting(offset: int, length: int) -> bytes:
+            fetched.append((offset, length))
+            return await real(offset, length)
+        src.pread = noting
     try:
         before = src.stats()
         link0 = rx()
@@ -354,6 +366,31 @@ async def replay(cache: Path, requests: list[Request], readers: int, source: str
     steady = 0.8 * payload * 8 / (hi - lo) if hi > lo else 0.0
     return Result(source, readers, t1 - t0, payload, link,
                   after["requests"] - before["requests"], steady)
+
+
+def curl_fetch(work: Path, uri: str, ranges: list[tuple[int, int]], readers: int,
+               rx: Any) -> Result:
+    """curl fetching ``ranges`` of the base, ``readers`` transfers at once
+    (--parallel), bodies discarded: the same requests a cache pass made."""
+    if uri.startswith("s3://"):
+        bucket_key = uri[len("s3://"):]
+        url = f"{os.environ['AWS_ENDPOINT_URL']}/{bucket_key}"
+        auth = (f'aws-sigv4 = "aws:amz:{os.environ["AWS_REGION"]}:s3"\n'
+                f'user = "{S3_KEY}:{S3_SECRET}"\n')
+    else:
+        url, auth = uri, ""
+    cfg = work / "curl.cfg"
+    cfg.write_text("next\n".join(
+        f'url = "{url}"\nrange = "{off}-{off + n - 1}"\noutput = "/dev/null"\n{auth}'
+        for off, n in ranges))
+    link0 = rx()
+    t0 = time.monotonic()
+    subprocess.run(["curl", "--no-progress-meter", "--fail", "--parallel",
+                    "--parallel-max", str(readers), "--config", str(cfg)], check=True)
+    seconds = time.monotonic() - t0
+    payload = sum(n for _, n in ranges)
+    return Result("curl " + ("s3" if auth else "http"), readers, seconds, payload,
+                  rx() - link0, len(ranges), 0.0)
 
 
 def make_cache(work: Path, uri: str, size: int, n: int) -> Path:
@@ -399,6 +436,9 @@ def main() -> None:
     ap.add_argument("--sources", default="http,s3,nbdkit,qemu-nbd")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--curl", action="store_true",
+                    help="after each HTTP/S3 pass, curl fetches the same ranges with "
+                         "the same concurrency")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--trace", default="debian12-minbase",
                     help="boot trace: a shipped one by name (" + ", ".join(SHIPPED)
@@ -439,11 +479,16 @@ def main() -> None:
                     for k in readers:
                         n += 1
                         cache = make_cache(work, uri, size, n)
-                        res = asyncio.run(replay(cache, requests, k, source, rx))
+                        fetched: list[tuple[int, int]] = []
+                        res = asyncio.run(replay(cache, requests, k, source, rx, fetched))
                         cache.unlink()
                         row = res.row(rate)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
+                        if args.curl and source in ("http", "s3"):
+                            row = curl_fetch(work, uri, sorted(set(fetched)), k, rx).row(rate)
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
             finally:
                 srv.stop()
         if ns:

@@ -4,6 +4,7 @@ nbdcopy; plus in-process server behaviour (out-of-order replies, shutdown)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -312,9 +313,49 @@ def test_layer_needing_a_task_is_served(inproc: Callable[..., InProcess]) -> Non
     srv: InProcess = inproc({"t": layer})
     with Client(srv.path).connect("t") as c:
         c.write(0, b"hello")
-        assert c.read(0, 5) == b"hello"  # retried in a Task after the RuntimeError
+        assert c.read(0, 5) == b"hello"  # served in a Task
         assert c.read(1, 4) == b"ello"
-    assert srv.server is not None and not srv.server.catalogue.get("t").eager  # type: ignore[union-attr]
+
+
+class NowaitLayer(MemLayer):
+    """Serves reads of the first 64 KiB without waiting, fails those of the
+    second with EIO, and leaves the rest to pread (counting each path)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.nowait = 0
+        self.waited = 0
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        if offset + length <= 65536:
+            self.nowait += 1
+            return bytes(self.data[offset:offset + length])
+        if offset < 131072:
+            raise OSError(errno.EIO, "bad sector")
+        return None
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        self.waited += 1
+        await asyncio.sleep(0)  # really waits: must run in a Task
+        return await super().pread(offset, length)
+
+
+def test_reads_served_without_waiting(inproc: Callable[..., InProcess]) -> None:
+    """pread_nowait() answers what it can, its errors become error replies,
+    and None hands the read to pread(); replies carry the right bytes."""
+    layer = NowaitLayer(1 << 20)
+    layer.data[:] = os.urandom(1 << 20)
+    srv: InProcess = inproc({"n": layer})
+    with Client(srv.path).connect("n") as c:
+        assert c.read(4096, 8192) == bytes(layer.data[4096:12288])
+        assert (layer.nowait, layer.waited) == (1, 0)
+        assert c.read(200000, 70000) == bytes(layer.data[200000:270000])
+        assert (layer.nowait, layer.waited) == (1, 1)
+        c.send(w.REQUEST.pack(w.REQUEST_MAGIC, 0, w.CMD_READ, 9, 70000, 4096))
+        r = c.reply(4096)
+        assert r.handle == 9 and r.error == w.EIO
+        assert c.read(0, 65536) == bytes(layer.data[:65536])  # the connection goes on
+        assert layer.nowait == 2
 
 
 def _chain_available() -> bool:

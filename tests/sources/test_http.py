@@ -10,18 +10,21 @@ import time
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from bootcache.errors import SourceError, StaleBaseError
 from bootcache.sources.http import HttpSource
 from bootcache.sources.resilience import RemoteOptions, SourceChangedError
 
-from .conftest import FaultyHttpServer, NginxServer, wait_until
+from .conftest import FaultyHttpServer, NginxServer, free_port, wait_until
 
 FAST = RemoteOptions(timeout=1.0, connect_timeout=0.5, deadline=3.0, retries=20,
                      backoff=0.02, backoff_max=0.2)
 
 
-def test_random_ranges_match_file(nginx: NginxServer) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_random_ranges_match_file(nginx: NginxServer, loop: str) -> None:
+    """Every read goes through the lean ranged-GET client, on both event loops."""
     data = os.urandom(5 * 1024 * 1024 + 123)
     nginx.put("base.img", data)
 
@@ -50,10 +53,11 @@ def test_random_ranges_match_file(nginx: NginxServer) -> None:
             stats = src.stats()
             assert stats["errors"] == 0 and stats["retries"] == 0
             assert stats["requests"] >= 205 and stats["bytes"] > len(data)
+            assert src.direct_reads == stats["requests"] - 1  # all but the HEAD
         finally:
             await src.close()
 
-    asyncio.run(go())
+    uvloop.run(go()) if loop == "uvloop" else asyncio.run(go())
 
 
 def test_connections_are_reused(nginx: NginxServer) -> None:
@@ -293,3 +297,28 @@ def test_options_are_checked() -> None:
     short = RemoteOptions.from_mapping({"timeout": "1"})
     assert (short.connect_timeout, short.deadline) == (1.0, RemoteOptions().deadline)
     assert RemoteOptions.from_mapping({"timeout": 100}).deadline == 100
+
+
+def test_proxy_from_environment_is_read_once(faulty_http: FaultyHttpServer,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP_PROXY is honoured, and read at open: nothing listens at the URL's
+    own port, so every byte must come through the proxy named at open, even
+    after the environment changes."""
+    url = f"http://127.0.0.1:{free_port()}/object"  # nothing listens there
+    for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{faulty_http.port}")
+
+    async def go() -> None:
+        src = await HttpSource.open(url, FAST)
+        try:
+            monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+            before = faulty_http.requests
+            assert await src.pread(4096, 8192) == faulty_http.data[4096:12288]
+            assert faulty_http.requests == before + 1
+        finally:
+            await src.close()
+        with pytest.raises(SourceError):  # without trust_env, the URL's own (dead) port
+            await HttpSource.open(url, FAST, trust_env=False)
+
+    asyncio.run(go())

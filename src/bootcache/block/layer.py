@@ -14,6 +14,10 @@ from typing import Any
 from bootcache.errors import ReadOnlyError
 from bootcache.sources.base import ByteSource
 
+#: The largest read :meth:`BlockLayer.pread_nowait` serves: a local read of
+#: this size takes a fraction of a millisecond; larger ones would stall the loop.
+NOWAIT_MAX = 2 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class Extent:
@@ -54,6 +58,14 @@ class BlockLayer(ABC):
     @abstractmethod
     async def pread(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (the range must lie inside the disk)."""
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        """The bytes of a read that completes now without waiting for anything
+        but a local read (a cache hit in the page cache), else None: then the
+        caller awaits :meth:`pread`, which also reports errors. Lets a server
+        answer such reads without an asyncio Task; layers override it where
+        they have such a path. Default: None."""
+        return None
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview,
                      *, fua: bool = False) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from bootcache.block.graph import NodeRef
-from bootcache.block.layer import BlockLayer, Extent, chain_of
+from bootcache.block.layer import NOWAIT_MAX, BlockLayer, Extent, chain_of
 from bootcache.errors import BootcacheError, ImageCorruptError, ImageFormatError, StaleBaseError
 from bootcache.layers.cache_profile import CacheProfileMixin
 from bootcache.qcow2 import cache_ext, profile_ext
@@ -60,6 +60,21 @@ async def base_identity(base: BlockLayer) -> dict[str, Any]:
     return ident
 
 
+class _Fetch:
+    """One read of clusters [start, ...) from the base; its future is the bytes."""
+
+    __slots__ = ("future", "start")
+
+    def __init__(self, start: int, future: asyncio.Future[bytes]) -> None:
+        self.start = start
+        self.future = future
+
+
+#: Where a piece of a miss comes from: a fetch (None: the cache, stored
+#: meanwhile) and the piece's guest byte range [lo, hi).
+_Segment = tuple[_Fetch | None, int, int]
+
+
 class CacheLayer(CacheProfileMixin, BlockLayer):
     """A read-only view of a base, filling a cache image on the way."""
 
@@ -74,7 +89,8 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         self.cs = img.cs
         #: Cached guest clusters, least recently used first.
         self.cached: OrderedDict[int, None] = OrderedDict()
-        self.inflight: dict[int, asyncio.Future[bytes]] = {}
+        #: Clusters being fetched from the base, each to the fetch bringing it.
+        self.inflight: dict[int, _Fetch] = {}
         self._dirty_counters = False
         self._last_flush = time.monotonic()
         self._store_paused_until = 0.0
@@ -106,6 +122,7 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             img.source, "pread_now", None)
         self._flush_task: asyncio.Task[None] | None = None
         self._init_profile()
+        self._evict_flush: asyncio.Task[None] | None = None
 
     @property
     def base(self) -> BlockLayer:
@@ -218,6 +235,41 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
     def identity(self) -> dict[str, Any]:
         return self.img.identity()
 
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        if (self._resetting is not None or self._refusal is not None or offset < 0
+                or length > NOWAIT_MAX or offset + length > self.img.size):
+            return None
+        now = time.monotonic_ns()
+        if self._version_interval_ns and now - self._version_checked >= self._version_interval_ns:
+            self._version_checked = now
+            self._background(self._check_version(), "version check")
+        if now - self._fp_checked >= _FINGERPRINT_INTERVAL_NS:
+            if self.base.fingerprint() != self._base_fp:
+                return None  # the base changed: pread() deals with it
+            self._fp_checked = now
+        return self._hit_now(offset, length)
+
+    def _hit_now(self, offset: int, length: int) -> bytes | None:
+        """A hit on host-contiguous cached clusters, looked up and read without
+        yielding (so no release can intervene between lookup and read)."""
+        if self._pread_now is None:
+            return None
+        host = self.img.data_host(offset, length)
+        if host < 0:
+            return None
+        ext = self.ext
+        ext.hits += 1
+        ext.bytes_from_cache += length
+        if self.prefetched:
+            self._count_prefetch_hit(offset, length)
+        if ext.policy == cache_ext.POLICY_LRU:
+            ci = offset // self.cs
+            if (offset + length - 1) // self.cs != ci:
+                self._touch(offset, length)
+            elif ci in self.cached:
+                self.cached.move_to_end(ci)
+        return self._pread_now(host, length)
+
     async def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.img.size:
             self.check_range(offset, length)
@@ -242,21 +294,17 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             generation = self._generation
             if self.base.fingerprint() != self._base_fp:
                 await self._base_changed(generation)
+        if length <= NOWAIT_MAX:
+            # The hot path: a hit on host-contiguous clusters, one pread.
+            data = self._hit_now(offset, length)
+            if data is not None:
+                return data
         img = self.img
-        if self._pread_now is not None:
-            host = img.data_host(offset, length)
-            if host >= 0:
-                # The hot path: a hit in one cluster, read without yielding
-                # (so no release can intervene between lookup and read).
-                ext = self.ext
-                ext.hits += 1
-                ext.bytes_from_cache += length
-                if self.prefetched:
-                    self._count_prefetch_hit(offset, length)
-                if ext.policy == cache_ext.POLICY_LRU and offset // self.cs in self.cached:
-                    self.cached.move_to_end(offset // self.cs)
-                return self._pread_now(host, length)
-        # While this read runs, clusters it mapped are not released for reuse.
+        # While this read maps and reads cached runs, the clusters it mapped are
+        # not released for reuse. Misses only start their fetches in there: the
+        # base is waited for outside, so frees never wait on a remote base.
+        parts: list[bytes | list[_Segment]] = []
+        missed = False
         with img.reading():
             runs = await img.map_range(offset, length)
             ext = self.ext
@@ -270,16 +318,20 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
                 if ext.policy == cache_ext.POLICY_LRU:
                     self._touch(offset, length)
                 return await img.source.pread(runs[0][3], length)
-            parts = []
-            missed = False
             for run in runs:
                 kind, guest, n, _ = run
                 if kind == UNALLOC:
                     missed = True
-                    parts.append(await self._miss(guest, n))
+                    parts.append(self._start_miss(guest, n))
                 else:
                     ext.bytes_from_cache += n
                     parts.append(await img._read_run(run))
+        pieces: list[bytes | memoryview] = []
+        for part in parts:
+            if isinstance(part, list):
+                pieces.extend(await self._collect(part))
+            else:
+                pieces.append(part)
         if missed:
             ext.misses += 1
         else:
@@ -288,7 +340,10 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             self._touch(offset, length)
         self._dirty_counters = True
         await self._maybe_flush()
-        return b"".join(parts)
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]  # a miss that is exactly one fetch: no copy at all
+        # The one copy of a miss: fetched buffers are sliced as memoryviews.
+        return b"".join(pieces)
 
     async def settle(self) -> None:
         while self._tasks:
@@ -333,58 +388,84 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
 
     # -- misses ---------------------------------------------------------------------
 
-    async def _miss(self, offset: int, length: int) -> bytes:
-        """Bytes of a range the cache does not hold, fetching each cluster once."""
+    def _start_miss(self, offset: int, length: int) -> list[_Segment]:
+        """Plan the bytes of a range the cache does not hold, starting a fetch
+        for each run of clusters neither held nor coming (single flight), and
+        return where each piece will come from. Never waits."""
         cs = self.cs
         first, last = offset // cs, (offset + length - 1) // cs
-        waits: dict[int, asyncio.Future[bytes]] = {}
+        inflight, cached = self.inflight, self.cached
         run_start: int | None = None
         fetches = []
         for ci in range(first, last + 2):
-            fut = self.inflight.get(ci) if ci <= last else None
-            if ci <= last and fut is None and ci not in self.cached:
+            if ci <= last and ci not in inflight and ci not in cached:
                 if run_start is None:
                     run_start = ci
                 continue
             if run_start is not None:
                 fetches.append((run_start, ci - run_start))
                 run_start = None
-            if fut is not None:
-                waits[ci] = fut
         if self.readahead and fetches and sum(fetches[-1]) == last + 1:
             # Read ahead past the request while clusters are neither held nor coming.
             start, count = fetches[-1]
             stop = min(last + 1 + self.readahead, -(-self.size // cs))
             k = last + 1
-            while k < stop and k not in self.cached and k not in self.inflight:
+            while k < stop and k not in cached and k not in inflight:
                 k += 1
             fetches[-1] = (start, k - start)
         loop = asyncio.get_running_loop()
         for start, count in fetches:
+            fetch = _Fetch(start, loop.create_future())
             for ci in range(start, start + count):
-                waits[ci] = self.inflight[ci] = loop.create_future()
+                inflight[ci] = fetch
             # The fetch stores in the background: the reader waits for the
-            # bytes (its futures), never for the cache write.
-            self._background(self._fetch(start, count), "fetch")
-        chunks = []
+            # bytes (the fetch's future), never for the cache write.
+            self._background(self._fetch(fetch, count), "fetch")
+        segments: list[_Segment] = []
+        end = offset + length
         for ci in range(first, last + 1):
-            fut = waits.get(ci)
-            data = await fut if fut is not None else await self._read_cached(ci)
-            lo = max(offset, ci * cs) - ci * cs
-            hi = min(offset + length, (ci + 1) * cs) - ci * cs
-            chunks.append(data[lo:hi])
-        return b"".join(chunks)
+            lo, hi = max(offset, ci * cs), min(end, (ci + 1) * cs)
+            source = inflight.get(ci)
+            if segments:
+                prev = segments[-1]
+                if prev[0] is source and prev[2] == lo:  # same source, contiguous
+                    segments[-1] = (source, prev[1], hi)
+                    continue
+            segments.append((source, lo, hi))
+        return segments
 
-    async def _read_cached(self, ci: int) -> bytes:
-        off = ci * self.cs
-        return await self.img.pread(off, min(self.cs, self.size - off))
+    async def _collect(self, segments: list[_Segment]) -> list[bytes | memoryview]:
+        """The bytes of planned pieces: slices of fetched buffers (no copy), or
+        reads of clusters stored meanwhile."""
+        out: list[bytes | memoryview] = []
+        cs = self.cs
+        for fetch, lo, hi in segments:
+            if fetch is None:
+                out.append(await self.img.pread(lo, hi - lo))
+                continue
+            data = await fetch.future
+            base = fetch.start * cs
+            if lo == base and hi - lo == len(data):
+                out.append(data)
+            else:
+                out.append(memoryview(data)[lo - base:hi - base])
+        return out
 
-    async def _fetch(self, start: int, count: int) -> None:
+    async def _fetch_run(self, start: int, count: int) -> None:
+        """Fetch and store clusters [start, start+count), which are neither
+        cached nor in flight; readers asking for them meanwhile wait for it."""
+        fetch = _Fetch(start, asyncio.get_running_loop().create_future())
+        for ci in range(start, start + count):
+            self.inflight[ci] = fetch
+        await self._fetch(fetch, count)
+
+    async def _fetch(self, fetch: _Fetch, count: int) -> None:
         """Read clusters [start, start+count) from the base and store them."""
         cs = self.cs
+        start = fetch.start
         off = start * cs
         n = min(count * cs, self.size - off)
-        futs = [self.inflight[ci] for ci in range(start, start + count)]
+        fut = fetch.future
         try:
             generation = self._generation
             if self.base.fingerprint() != self._base_fp:
@@ -398,24 +479,26 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
                 generation = self._generation
                 data = await self.img.read_below(off, n)
         except BaseException as e:
-            for ci, fut in zip(range(start, start + count), futs, strict=True):
-                if not fut.done():
-                    fut.set_exception(e)
-                    fut.exception()  # waiters re-raise it; don't log it as unretrieved
-                self.inflight.pop(ci, None)
+            if not fut.done():
+                fut.set_exception(e)
+                fut.exception()  # waiters re-raise it; don't log it as unretrieved
+            self._forget(fetch, count)
             raise
         self.ext.bytes_from_base += n
         self._record_profile(start, count)
-        view = memoryview(data)
-        for k, fut in enumerate(futs):
-            fut.set_result(bytes(view[k * cs:(k + 1) * cs]))
+        fut.set_result(data)
         try:
             if generation == self._generation:
                 await self._store(start, data, generation)
         finally:
-            # Only now: until the store lands, newcomers must reuse these results.
-            for ci in range(start, start + count):
-                self.inflight.pop(ci, None)
+            # Only now: until the store lands, newcomers must reuse this result.
+            self._forget(fetch, count)
+
+    def _forget(self, fetch: _Fetch, count: int) -> None:
+        inflight = self.inflight
+        for ci in range(fetch.start, fetch.start + count):
+            if inflight.get(ci) is fetch:
+                del inflight[ci]
 
     async def _check_version(self) -> None:
         generation = self._generation
@@ -492,7 +575,7 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             if (self._used() + count) * cs > high:
                 keep = max(ext.quota * ext.low_watermark // 100 // cs - count, 0)
                 excess = self._used() - keep
-                victims = [ci for ci in self.cached if ci not in self.inflight][:max(excess, 0)]
+                victims = self._oldest(excess)
                 for ci in victims:
                     del self.cached[ci]
         count = max(min(count, ext.quota // cs - self._used()), 0)
@@ -540,6 +623,20 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             first += n
         return first - start
 
+    def _oldest(self, count: int) -> list[int]:
+        """Up to ``count`` least recently used clusters not being fetched: walks
+        the LRU order only as far as it must, not the whole cache."""
+        out: list[int] = []
+        if count <= 0:
+            return out
+        inflight = self.inflight
+        for ci in self.cached:
+            if ci not in inflight:
+                out.append(ci)
+                if len(out) == count:
+                    break
+        return out
+
     async def _evict(self, victims: list[int]) -> None:
         """Make clusters unallocated again (the caller already forgot them)."""
         if not victims:
@@ -549,7 +646,17 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         await self.img.unmap_clusters(victims)
         self.ext.evictions += len(victims)
         self.ext.used_bytes = len(self.cached) * self.cs
-        await self.img.flush()  # frees (and hole punching) happen at flush
+        # Frees (and hole punching) happen at a flush: start one now, in the
+        # background, so the store that evicted does not wait on its syncs.
+        if self._evict_flush is None or self._evict_flush.done():
+            self._evict_flush = asyncio.get_running_loop().create_task(
+                self._flush_if_open(), name="flush after eviction")
+            self._tasks.add(self._evict_flush)
+            self._evict_flush.add_done_callback(self._task_done)
+
+    async def _flush_if_open(self) -> None:
+        if not self.img.closed:
+            await self.flush()
 
     def _touch(self, offset: int, length: int) -> None:
         cached = self.cached

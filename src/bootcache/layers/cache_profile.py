@@ -8,10 +8,9 @@ through the layer's private state. Format: docs/spec/cache-image.md, section 13.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from bootcache.errors import ImageFormatError
@@ -32,8 +31,8 @@ class CacheProfileMixin:
     img: Qcow2Image
     ext: CacheExtension
     cached: OrderedDict[int, None]
-    inflight: dict[int, asyncio.Future[bytes]]
-    _fetch: Callable[[int, int], Coroutine[Any, Any, None]]
+    inflight: Mapping[int, object]
+    _fetch_run: Callable[[int, int], Coroutine[Any, Any, None]]
     _used: Callable[[], int]
 
     def _init_profile(self) -> None:
@@ -108,14 +107,11 @@ class CacheProfileMixin:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
                 runs.append((ci, 1))
-        loop = asyncio.get_running_loop()
         fetched = 0
         for first, n in runs:
-            for ci in range(first, first + n):
-                self.inflight[ci] = loop.create_future()
             self._prefetch_inflight += n
             try:
-                await self._fetch(first, n)
+                await self._fetch_run(first, n)
             finally:
                 self._prefetch_inflight -= n
             got = min(n * self.cs, self.img.size - first * self.cs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bootcache.block.layer import BlockLayer, Extent, SourceBacked
+from bootcache.block.layer import NOWAIT_MAX, BlockLayer, Extent, SourceBacked
 from bootcache.errors import ReadOnlyError
 from bootcache.sources.base import ByteSource
 
@@ -15,6 +15,8 @@ class RawLayer(SourceBacked, BlockLayer):
         self.name = source.name
         self._size = size
         self._read_only = read_only or not source.writable
+        # A synchronous read, when the source is a local file.
+        self._pread_now = getattr(source, "pread_now", None)
 
     @classmethod
     async def open(cls, source: ByteSource, *, read_only: bool = True) -> RawLayer:
@@ -30,6 +32,13 @@ class RawLayer(SourceBacked, BlockLayer):
 
     async def pread(self, offset: int, length: int) -> bytes:
         return await self.source.pread(offset, length)
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        if (self._pread_now is None or offset < 0 or length > NOWAIT_MAX
+                or offset + length > self._size):
+            return None
+        data: bytes = self._pread_now(offset, length)
+        return data
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview,
                      *, fua: bool = False) -> None:

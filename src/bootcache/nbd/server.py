@@ -9,13 +9,10 @@ out and run against the export's layer concurrently; replies may leave out
 of order.
 
 Hot path notes:
-- Every request coroutine is first stepped inline ("eager start"). A read
-  served from the page cache never suspends, so it completes without an
-  asyncio Task (a Task costs several microseconds, more than the read).
-  Only coroutines that really wait get a Task. If a layer needs to run inside
-  a Task from its first step (``asyncio.timeout`` and aiohttp need
-  ``current_task()``), the RuntimeError this raises switches the export to
-  Task mode and the request is re-issued: every NBD operation is idempotent.
+- A read first asks the layer's ``pread_nowait()``: a read it can serve
+  from the page cache (a cache hit, a local file) completes right there,
+  without a coroutine or an asyncio Task (a Task costs several microseconds,
+  more than the read). Every other request runs in a Task.
 - Replies produced while one ``data_received`` batch is parsed are written
   with one ``writelines`` call, i.e. one syscall per batch, not per request.
 - Memory is bounded: reading from the socket pauses while the transport's
@@ -35,8 +32,7 @@ import socket
 import ssl
 import stat
 import time
-import types
-from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, cast
 
 from bootcache.block.layer import BlockLayer
@@ -102,8 +98,6 @@ class Export:
         self.info = ExportInfo(size=layer.size, read_only=read_only or layer.read_only,
                                description=description,
                                fast_zero=bool(getattr(layer, "fast_zero", False)))
-        # Cleared when the layer turns out to need a Task from its first step.
-        self.eager = True
         self.counters = ReadCounters()
 
 
@@ -177,36 +171,6 @@ def nbd_errno(exc: BaseException) -> int:
         if exc.errno == errno.ENOMEM:
             return w.ENOMEM
     return w.EIO
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Generator[Any, Any, Any]:
-    """Continue, inside a Task, a coroutine already stepped once by hand:
-    hand its pending future to the Task, then relay results and exceptions."""
-    # Future.__await__ set the "blocking" flag when it yielded, and a Task
-    # clears it on receipt. Another request may have awaited (and another
-    # Task received) the same future since: set it again, or this Task would
-    # take the yield for a bare ``yield`` and throw into the coroutine.
-    if getattr(first, "_asyncio_future_blocking", None) is not None:
-        first._asyncio_future_blocking = True
-    pending = first
-    while True:
-        try:
-            value = yield pending
-        except BaseException as exc:
-            try:
-                pending = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                pending = coro.send(value)
-            except StopIteration as stop:
-                return stop.value
-
-
-async def _finish(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
-    return await _resume(coro, first)
 
 
 Done = Callable[[Request, Any], None]
@@ -489,46 +453,8 @@ class NBDProtocol(asyncio.Protocol):
     # --- running requests -----------------------------------------------------------------
     def _start(self, req: Request, done: Done, fn: Callable[..., Any], *args: Any,
                **kwargs: Any) -> None:
-        """Run coroutine ``fn(*args, **kwargs)`` for ``req``, then ``done(req, result)``."""
-        export = self.export
-        assert export is not None
-        coro = fn(*args, **kwargs)
-        if not export.eager:
-            self._track(self.loop.create_task(coro), req, done)
-            return
-        try:
-            pending = coro.send(None)
-        except StopIteration as stop:
-            done(req, stop.value)
-        except Exception as exc:
-            self._first_step_failed(req, done, exc, fn, args, kwargs)
-        else:
-            self._adopt(coro, pending, req, done)
-
-    def _adopt(self, coro: Coroutine[Any, Any, Any], pending: Any, req: Request,
-               done: Done) -> None:
-        """Hand a coroutine suspended in its first step over to a Task."""
-        # Do what a Task does on receiving a yielded future: clear its
-        # "blocking" flag. While it is set, the C Future refuses to be awaited
-        # by anyone else ("await wasn't used with future"), and the next
-        # request may await the same future (coalesced cache misses).
-        # _resume() sets it again when it passes the future to the Task.
-        if getattr(pending, "_asyncio_future_blocking", False):
-            pending._asyncio_future_blocking = False
-        self._track(self.loop.create_task(_finish(coro, pending)), req, done)
-
-    def _first_step_failed(self, req: Request, done: Done, exc: Exception,
-                           fn: Callable[..., Any], args: tuple[Any, ...],
-                           kwargs: dict[str, Any]) -> None:
-        export = self.export
-        assert export is not None
-        if not isinstance(exc, RuntimeError) or "task" not in str(exc).lower():
-            self._failed(req, exc)
-            return
-        # The layer needs a Task from its first step: retry in one, and
-        # start this export's requests in Tasks from now on.
-        log.debug("%s: layer needs a task (%s); eager start off", export.name, exc)
-        export.eager = False
+        """Run coroutine ``fn(*args, **kwargs)`` for ``req`` in a Task, then
+        ``done(req, result)``."""
         self._track(self.loop.create_task(fn(*args, **kwargs)), req, done)
 
     def _track(self, task: asyncio.Task[Any], req: Request, done: Done) -> None:
@@ -580,36 +506,33 @@ class NBDProtocol(asyncio.Protocol):
 
     # --- commands --------------------------------------------------------------------------
     def _read(self, req: Request) -> None:
-        """_start() specialised for the hot path: a read that completes in its
-        first step (page cache, cache hit) goes straight into the batch."""
-        layer, export, batch = self.layer, self.export, self._batch
+        """A read the layer serves without waiting goes straight into the
+        batch; any other runs in a Task."""
+        layer, export = self.layer, self.export
         assert layer is not None and export is not None
-        if not export.eager or batch is None:
+        try:
+            data = layer.pread_nowait(req.offset, req.length)
+        except Exception as exc:  # the local read failed (EIO): the reply says so
+            export.counters.errors += 1
+            self._failed(req, exc)
+            return
+        if data is None:
             self._start(req, self._read_done, layer.pread, req.offset, req.length)
             return
-        coro = layer.pread(req.offset, req.length)
-        try:
-            pending = coro.send(None)
-        except StopIteration as stop:
-            data = stop.value
-            if len(data) != req.length:
-                self._read_done(req, data)
-                return
-            # Header and data go out as two buffers of one writev: no copy.
-            batch.append(self.conn.read_header(req.handle, req.offset, req.length))
-            batch.append(data)
-            counters = export.counters
-            counters.reads += 1  # done without waiting: the fastest bucket
-            counters.bytes += req.length
-            counters.buckets[0] += 1
-            self._batch_bytes += req.length
-            if self._batch_bytes >= BATCH_FLUSH:
-                self._flush_batch()
-        except Exception as exc:
-            self._first_step_failed(req, self._read_done, exc, layer.pread,
-                                    (req.offset, req.length), {})
-        else:
-            self._adopt(coro, pending, req, self._read_done)
+        batch = self._batch
+        if batch is None or len(data) != req.length:
+            self._read_done(req, data)
+            return
+        # Header and data go out as two buffers of one writev: no copy.
+        batch.append(self.conn.read_header(req.handle, req.offset, req.length))
+        batch.append(data)
+        counters = export.counters
+        counters.reads += 1  # done without waiting: the fastest bucket
+        counters.bytes += req.length
+        counters.buckets[0] += 1
+        self._batch_bytes += req.length
+        if self._batch_bytes >= BATCH_FLUSH:
+            self._flush_batch()
 
     def _read_done(self, req: Request, data: bytes) -> None:
         if self.export is not None:

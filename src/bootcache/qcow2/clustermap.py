@@ -148,15 +148,16 @@ class ClusterMap:
     # -- lookups --------------------------------------------------------------
 
     def data_host(self, offset: int, length: int) -> int:
-        """Host offset of a range inside one normal data cluster whose L2 table
-        is cached, else -1: the lookup of a hot read, with no await and no
-        allocation (the general path is :meth:`map_range`)."""
+        """Host offset of a range of normal data clusters, contiguous on the
+        host and in one cached L2 table, else -1: the lookup of a hot read,
+        with no await and no allocation (the general path is :meth:`map_range`)."""
         cb = self.cb
         ci = offset >> cb
-        if (offset + length - 1) >> cb != ci or self.extended:
+        more = ((offset + length - 1) >> cb) - ci  # clusters after the first
+        if self.extended or length <= 0:
             return -1
         l1i, l2i = divmod(ci, self.l2_entries)
-        if l1i >= len(self.l1):
+        if l1i >= len(self.l1) or l2i + more >= self.l2_entries:
             return -1
         table = self.l2_cache.lookup(self.l1[l1i] & L1E_OFFSET_MASK)
         if table is None:
@@ -164,7 +165,12 @@ class ClusterMap:
         e = table[l2i]
         if e & _NOT_PLAIN_DATA or not e & L2E_OFFSET_MASK:
             return -1
-        return (e & L2E_OFFSET_MASK) + (offset & (self.cs - 1))
+        host = e & L2E_OFFSET_MASK
+        for k in range(1, more + 1):
+            e = table[l2i + k]
+            if e & _NOT_PLAIN_DATA or (e & L2E_OFFSET_MASK) != host + (k << cb):
+                return -1
+        return host + (offset & (self.cs - 1))
 
     async def map_range(self, offset: int, length: int) -> list[Mapping]:
         """Describe [offset, offset+length) as merged runs of one kind each.

@@ -16,7 +16,7 @@ from array import array
 from contextlib import AbstractContextManager
 
 from bootcache.block.graph import NodeRef
-from bootcache.block.layer import BlockLayer, Extent, SourceBacked
+from bootcache.block.layer import NOWAIT_MAX, BlockLayer, Extent, SourceBacked
 from bootcache.block.lock import LazyAsyncLock
 from bootcache.errors import (
     ImageCorruptError,
@@ -177,8 +177,18 @@ class Qcow2Image(SourceBacked, BlockLayer):
     # -- mapping (the cluster map's) --------------------------------------------
 
     def data_host(self, offset: int, length: int) -> int:
-        """Host offset of a range in one cached data cluster, else -1 (no await)."""
+        """Host offset of a range of normal data clusters, contiguous on the
+        host and in one cached L2 table, else -1 (no await)."""
         return self.map.data_host(offset, length)
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        # Lookup and read with no await between them: no release can intervene.
+        pread_now = getattr(self.source, "pread_now", None)
+        if (pread_now is None or offset < 0 or length > NOWAIT_MAX
+                or offset + length > self.size):
+            return None
+        host = self.data_host(offset, length)
+        return pread_now(host, length) if host >= 0 else None
 
     async def map_range(self, offset: int, length: int) -> list[Mapping]:
         """[offset, offset+length) as runs of one kind each (:meth:`ClusterMap.map_range`)."""

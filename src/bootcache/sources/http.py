@@ -16,14 +16,19 @@ not a fallback worth having.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+from aiohttp import hdrs
+from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_from_env
+from yarl import URL
 
 from bootcache.errors import SourceError
+from bootcache.sources.rangeget import NotSimple, RangeClient, Reply
 from bootcache.sources.resilience import (
     RemoteOptions,
     RemoteSource,
@@ -61,6 +66,35 @@ def _check_status(name: str, what: str, status: int, reason: str | None) -> None
     raise SourceError(text)
 
 
+def _plain_ssl(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
+    """The same verification as :func:`_ssl_context`, as a context."""
+    if insecure:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def _environment(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None,
+                                    aiohttp.BasicAuth | None]:
+    """Proxy, proxy credentials and ~/.netrc credentials for ``url``, from the
+    environment (HTTP(S)_PROXY, NO_PROXY, NETRC), as aiohttp's trust_env reads them."""
+    target = URL(url)
+    try:
+        proxy, proxy_auth = get_env_proxy_for_url(target)
+    except LookupError:
+        proxy, proxy_auth = None, None
+    netrc = netrc_from_env()
+    auth = None
+    if netrc is not None and target.host is not None:
+        try:
+            auth = basicauth_from_netrc(netrc, target.host)
+        except LookupError:
+            auth = None
+    return proxy, proxy_auth, auth
+
+
 def _translate(name: str, what: str, e: aiohttp.ClientError) -> SourceError:
     """Map an aiohttp failure to transient (retry) or permanent."""
     if isinstance(e, aiohttp.ClientSSLError | aiohttp.InvalidURL | aiohttp.TooManyRedirects):
@@ -77,12 +111,20 @@ class HttpSource(RemoteSource):
     version_check_interval = 5.0
 
     def __init__(self, url: str, session: aiohttp.ClientSession, options: RemoteOptions,
-                 *, if_match: bool = True) -> None:
+                 *, if_match: bool = True, proxy: URL | None = None,
+                 proxy_auth: aiohttp.BasicAuth | None = None) -> None:
         super().__init__(url, options)
         self.url = url
         self._session = session
         self._if_match = if_match
         self._conditions: dict[str, str] = {}
+        self._proxy = proxy
+        self._proxy_auth = proxy_auth
+        #: The lean client of ranged GETs (None: aiohttp for everything).
+        self._ranges: RangeClient | None = None
+        self._target = URL(url).raw_path_qs or "/"
+        #: Reads done by the lean client, not aiohttp.
+        self.direct_reads = 0
 
     @classmethod
     async def open(cls, url: str, options: RemoteOptions | None = None, *,
@@ -104,14 +146,29 @@ class HttpSource(RemoteSource):
             ssl=_ssl_context(ca_file, insecure), ttl_dns_cache=60)
         base_headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
         base_headers.update(headers or {})
+        proxy = proxy_auth = None
+        if trust_env:
+            # Read once here: aiohttp's own trust_env re-reads the environment
+            # and ~/.netrc in a worker thread on every request, which cost
+            # more CPU than the request itself on a fast link.
+            proxy, proxy_auth, netrc_auth = await asyncio.to_thread(_environment, url)
+            if netrc_auth is not None and not any(
+                    k.lower() == hdrs.AUTHORIZATION.lower() for k in base_headers):
+                base_headers[hdrs.AUTHORIZATION] = netrc_auth.encode()
         session = aiohttp.ClientSession(
-            connector=connector, headers=base_headers, trust_env=trust_env,
+            connector=connector, headers=base_headers, trust_env=False,
             auto_decompress=False,
             # The per-attempt limit is enforced around each request; these
             # make a silent peer fail early rather than at that limit.
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=opts.connect_timeout,
                                           sock_read=opts.timeout))
-        src = cls(url, session, opts, if_match=if_match)
+        src = cls(url, session, opts, if_match=if_match, proxy=proxy, proxy_auth=proxy_auth)
+        if proxy is None:
+            # Reads go through the lean client; aiohttp keeps HEAD, proxies,
+            # redirects and whatever else the lean one leaves to it.
+            src._ranges = RangeClient(url, base_headers,
+                                      ssl_context=_plain_ssl(ca_file, insecure),
+                                      connect_timeout=opts.connect_timeout)
         await src._learn_version(session.close)
         return src
 
@@ -130,7 +187,8 @@ class HttpSource(RemoteSource):
     async def _probe(self) -> dict[str, Any]:
         """One attempt at learning size, ETag and Last-Modified."""
         try:
-            async with self._session.head(self.url, allow_redirects=True) as r:
+            async with self._session.head(self.url, allow_redirects=True, proxy=self._proxy,
+                                          proxy_auth=self._proxy_auth) as r:
                 length = r.headers.get("Content-Length")
                 if r.status == 200 and length is not None and length.isdigit():
                     return self._make_identity(int(length), r.headers)
@@ -138,7 +196,8 @@ class HttpSource(RemoteSource):
                     _check_status(self.name, "HEAD", r.status, r.reason)
             # HEAD refused or without a length: a one-byte GET tells the size.
             async with self._session.get(self.url, headers={"Range": "bytes=0-0"},
-                                         allow_redirects=True) as r:
+                                         allow_redirects=True, proxy=self._proxy,
+                                         proxy_auth=self._proxy_auth) as r:
                 if r.status == 416:
                     m = _CONTENT_RANGE_UNSAT.match(r.headers.get("Content-Range", ""))
                     if m:
@@ -165,8 +224,22 @@ class HttpSource(RemoteSource):
         end = offset + length - 1
         what = f"GET bytes={offset}-{end}"
         headers = {"Range": f"bytes={offset}-{end}", **self._conditions}
+        if self._ranges is not None:
+            try:
+                reply = await self._ranges.get(self._target, headers, max(length, 1 << 16))
+            except NotSimple:
+                # A redirect, a chunked body...: aiohttp from now on.
+                self._ranges.close()
+                self._ranges = None
+            except OSError as e:
+                raise TransientError(f"{self.name}: {what}: {describe(e)}") from e
+            else:
+                data = self._check_reply(reply, what, offset, length)
+                self.direct_reads += 1
+                return data
         try:
-            async with self._session.get(self.url, headers=headers, allow_redirects=True) as r:
+            async with self._session.get(self.url, headers=headers, allow_redirects=True,
+                                         proxy=self._proxy, proxy_auth=self._proxy_auth) as r:
                 _check_status(self.name, what, r.status, r.reason)
                 if r.status == 200:
                     return await self._whole_object(r, what, offset, length)
@@ -174,6 +247,17 @@ class HttpSource(RemoteSource):
                 return check_body(self.name, what, await r.read(), length)
         except aiohttp.ClientError as e:
             raise _translate(self.name, what, e) from e
+
+    def _check_reply(self, r: Reply, what: str, offset: int, length: int) -> bytes:
+        _check_status(self.name, what, r.status, None)
+        if r.status == 200 and (offset != 0 or length != self._size):
+            raise SourceError(
+                f"{self.name}: {what}: the server ignores Range requests (HTTP 200 with the "
+                "whole object); bootcache needs byte-range support on HTTP bases")
+        if r.status == 206:
+            self._check_content_range(what, r.headers.get("content-range"), offset,
+                                      offset + length - 1)
+        return check_body(self.name, what, r.body, length)
 
     async def _whole_object(self, r: aiohttp.ClientResponse, what: str,
                             offset: int, length: int) -> bytes:
@@ -198,4 +282,6 @@ class HttpSource(RemoteSource):
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._ranges is not None:
+                self._ranges.close()
             await self._session.close()

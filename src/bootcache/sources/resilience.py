@@ -276,6 +276,7 @@ class RemoteSource(ByteSource):
         self.resilience = Resilience(name, options)
         self._size = 0
         self._identity: dict[str, Any] = {}
+        self._identity_version = 0
         self._closed = False
         #: Largest single request; a source may lower it to what its server allows.
         self.max_request = options.max_request
@@ -310,6 +311,12 @@ class RemoteSource(ByteSource):
     def _set_identity(self, ident: dict[str, Any]) -> None:
         self._identity = ident
         self._size = ident["size"]
+        self._identity_version += 1
+
+    def fingerprint(self) -> object:
+        # The identity changes only here: a counter is enough, and caches
+        # compare fingerprints on every fetch.
+        return self._identity_version
 
     async def version_changed(self) -> bool:
         current = await self.current_identity()
