@@ -28,7 +28,6 @@ from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_f
 from yarl import URL
 
 from bootcache.errors import SourceError
-from bootcache.sources.rangeget import NotSimple, RangeClient, Reply
 from bootcache.sources.resilience import (
     RemoteOptions,
     RemoteSource,
@@ -64,16 +63,6 @@ def _check_status(name: str, what: str, status: int, reason: str | None) -> None
     if status in _TRANSIENT_STATUS or status >= 500:
         raise TransientError(text)
     raise SourceError(text)
-
-
-def _plain_ssl(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
-    """The same verification as :func:`_ssl_context`, as a context."""
-    if insecure:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    return ssl.create_default_context(cafile=ca_file)
 
 
 def _environment(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None,
@@ -120,11 +109,6 @@ class HttpSource(RemoteSource):
         self._conditions: dict[str, str] = {}
         self._proxy = proxy
         self._proxy_auth = proxy_auth
-        #: The lean client of ranged GETs (None: aiohttp for everything).
-        self._ranges: RangeClient | None = None
-        self._target = URL(url).raw_path_qs or "/"
-        #: Reads done by the lean client, not aiohttp.
-        self.direct_reads = 0
 
     @classmethod
     async def open(cls, url: str, options: RemoteOptions | None = None, *,
@@ -163,12 +147,6 @@ class HttpSource(RemoteSource):
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=opts.connect_timeout,
                                           sock_read=opts.timeout))
         src = cls(url, session, opts, if_match=if_match, proxy=proxy, proxy_auth=proxy_auth)
-        if proxy is None:
-            # Reads go through the lean client; aiohttp keeps HEAD, proxies,
-            # redirects and whatever else the lean one leaves to it.
-            src._ranges = RangeClient(url, base_headers,
-                                      ssl_context=_plain_ssl(ca_file, insecure),
-                                      connect_timeout=opts.connect_timeout)
         await src._learn_version(session.close)
         return src
 
@@ -224,19 +202,6 @@ class HttpSource(RemoteSource):
         end = offset + length - 1
         what = f"GET bytes={offset}-{end}"
         headers = {"Range": f"bytes={offset}-{end}", **self._conditions}
-        if self._ranges is not None:
-            try:
-                reply = await self._ranges.get(self._target, headers, max(length, 1 << 16))
-            except NotSimple:
-                # A redirect, a chunked body...: aiohttp from now on.
-                self._ranges.close()
-                self._ranges = None
-            except OSError as e:
-                raise TransientError(f"{self.name}: {what}: {describe(e)}") from e
-            else:
-                data = self._check_reply(reply, what, offset, length)
-                self.direct_reads += 1
-                return data
         try:
             async with self._session.get(self.url, headers=headers, allow_redirects=True,
                                          proxy=self._proxy, proxy_auth=self._proxy_auth) as r:
@@ -247,17 +212,6 @@ class HttpSource(RemoteSource):
                 return check_body(self.name, what, await r.read(), length)
         except aiohttp.ClientError as e:
             raise _translate(self.name, what, e) from e
-
-    def _check_reply(self, r: Reply, what: str, offset: int, length: int) -> bytes:
-        _check_status(self.name, what, r.status, None)
-        if r.status == 200 and (offset != 0 or length != self._size):
-            raise SourceError(
-                f"{self.name}: {what}: the server ignores Range requests (HTTP 200 with the "
-                "whole object); bootcache needs byte-range support on HTTP bases")
-        if r.status == 206:
-            self._check_content_range(what, r.headers.get("content-range"), offset,
-                                      offset + length - 1)
-        return check_body(self.name, what, r.body, length)
 
     async def _whole_object(self, r: aiohttp.ClientResponse, what: str,
                             offset: int, length: int) -> bytes:
@@ -282,6 +236,4 @@ class HttpSource(RemoteSource):
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._ranges is not None:
-                self._ranges.close()
             await self._session.close()

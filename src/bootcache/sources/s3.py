@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import ssl
-import time
 from typing import Any
 
 import aiohttp
@@ -27,10 +25,8 @@ import botocore.exceptions  # type: ignore[import-untyped]
 from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
 from aiobotocore.session import AioSession  # type: ignore[import-untyped]
 from botocore import UNSIGNED
-from yarl import URL
 
 from bootcache.errors import SourceError
-from bootcache.sources.rangeget import NotSimple, RangeClient
 from bootcache.sources.resilience import (
     RemoteOptions,
     RemoteSource,
@@ -40,7 +36,6 @@ from bootcache.sources.resilience import (
     describe,
 )
 
-_USER_AGENT = "bootcache/0.1"
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 # Error codes S3 and compatible stores use for "slow down / try again".
 _TRANSIENT_CODES = frozenset({
@@ -81,11 +76,6 @@ def _translate(name: str, what: str, e: Exception) -> SourceError:
     # Connection refused/reset/closed, timeouts, short bodies.
     return TransientError(f"{name}: {what}: {describe(e)}")
 
-
-# Reads use a presigned GetObject URL: signed once, not per request.
-# It is renewed well before it expires (and so are the credentials under it).
-_PRESIGN_LIFETIME = 3600
-_PRESIGN_RENEW = 1200
 
 _FAILURES = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
              aiohttp.ClientError)
@@ -141,13 +131,6 @@ class S3Source(RemoteSource):
         self._stack = stack
         self._if_match = if_match
         self._etag: str | None = None
-        #: The lean client of ranged GETs on the presigned URL (None: botocore).
-        self._ranges: RangeClient | None = None
-        self._target = ""
-        self._signed_at = 0.0
-        self._fast = True
-        #: Reads done by the lean client, not botocore.
-        self.direct_reads = 0
 
     @classmethod
     async def open(cls, url: str, options: RemoteOptions | None = None, *,
@@ -164,29 +147,6 @@ class S3Source(RemoteSource):
         src = cls(url, client, stack, opts, if_match=if_match)
         await src._learn_version(stack.aclose)
         return src
-
-    async def _presigned_target(self) -> str | None:
-        """Path and query of a presigned GetObject URL (renewed when due), or
-        None when reads go through botocore."""
-        now = time.monotonic()
-        if self._ranges is not None and now - self._signed_at < _PRESIGN_RENEW:
-            return self._target
-        try:
-            url = await self._client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": self.key},
-                ExpiresIn=_PRESIGN_LIFETIME)
-        except _FAILURES:
-            return None  # botocore will say what is wrong, request by request
-        u = URL(url)
-        if self._ranges is None:
-            ctx = None
-            if u.scheme == "https":
-                ctx = ssl.create_default_context()
-            self._ranges = RangeClient(url, {"User-Agent": _USER_AGENT}, ssl_context=ctx,
-                                       connect_timeout=self.options.connect_timeout)
-        self._target = u.raw_path_qs
-        self._signed_at = now
-        return self._target
 
     def _set_identity(self, ident: dict[str, Any]) -> None:
         super()._set_identity(ident)
@@ -207,10 +167,6 @@ class S3Source(RemoteSource):
     async def _fetch(self, offset: int, length: int) -> bytes:
         end = offset + length - 1
         what = f"GetObject bytes={offset}-{end}"
-        if self._fast:
-            data = await self._fetch_presigned(offset, length, what)
-            if data is not None:
-                return data
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key,
                                 "Range": f"bytes={offset}-{end}"}
         if self._etag:
@@ -223,37 +179,6 @@ class S3Source(RemoteSource):
         except _FAILURES as e:
             raise _translate(self.name, what, e) from e
         return check_body(self.name, what, data, length)
-
-    async def _fetch_presigned(self, offset: int, length: int, what: str) -> bytes | None:
-        """A ranged GET of the presigned URL; None leaves the request to botocore
-        (any reply but the data itself: errors are worded by botocore)."""
-        target = await self._presigned_target()
-        if target is None or self._ranges is None:
-            return None
-        end = offset + length - 1
-        headers = {"Range": f"bytes={offset}-{end}"}
-        if self._etag:
-            headers["If-Match"] = self._etag
-        try:
-            r = await self._ranges.get(target, headers, max(length, 1 << 16))
-        except (NotSimple, ssl.SSLError):
-            self._fast = False  # a redirect, a CA bundle botocore knows: botocore from now on
-            return None
-        except OSError as e:
-            raise TransientError(f"{self.name}: {what}: {describe(e)}") from e
-        if r.status == 412:
-            raise SourceChangedError(f"{self.name}: {what}: the object changed since it "
-                                     "was opened")
-        if r.status in (500, 502, 503, 504):
-            raise TransientError(f"{self.name}: {what}: HTTP {r.status}")
-        if r.status not in (200, 206):
-            # Refused (a store without presigned URLs, clock skew...) or missing:
-            # botocore from now on, with its own wording of the error.
-            self._fast = False
-            return None
-        self._check_content_range(what, r.headers.get("content-range"), offset, end)
-        self.direct_reads += 1
-        return check_body(self.name, what, r.body, length)
 
     def _check_content_range(self, what: str, header: str | None, start: int, end: int) -> None:
         m = _CONTENT_RANGE.match(header or "")
@@ -271,6 +196,4 @@ class S3Source(RemoteSource):
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._ranges is not None:
-                self._ranges.close()
             await self._stack.aclose()
