@@ -192,6 +192,9 @@ class CacheLayer(BlockLayer):
         # wrote is allocated by then, and unmapped here with the rest.
         self._generation += 1
         self.cached.clear()
+        # Fetches in flight may bring old bytes: readers from now on must not
+        # wait for them (their own readers still get them, and read again).
+        self.inflight.clear()
         if await self.img.unmap_all():
             await self.img.flush()
         self.cached.clear()
@@ -212,6 +215,16 @@ class CacheLayer(BlockLayer):
     async def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.img.size:
             self.check_range(offset, length)
+        while True:
+            generation = self._generation
+            data = await self._pread_once(offset, length)
+            if generation == self._generation:
+                return data
+            # A reset of the cache overlapped this read: parts of it may be of
+            # the old base (cached clusters, fetches from before) and parts of
+            # the new one. One request is one version: read it all again.
+
+    async def _pread_once(self, offset: int, length: int) -> bytes:
         if self._resetting is not None:
             # The base is being switched: no byte of either version until it is.
             await asyncio.shield(self._resetting)
@@ -350,7 +363,8 @@ class CacheLayer(BlockLayer):
                 waits[ci] = self.inflight[ci] = loop.create_future()
             # The fetch stores in the background: the reader waits for the
             # bytes (its futures), never for the cache write.
-            self._background(self._fetch(start, count), "fetch")
+            futs = [self.inflight[ci] for ci in range(start, start + count)]
+            self._background(self._fetch(start, futs), "fetch")
         chunks = []
         for ci in range(first, last + 1):
             fut = waits.get(ci)
@@ -364,12 +378,12 @@ class CacheLayer(BlockLayer):
         off = ci * self.cs
         return await self.img.pread(off, min(self.cs, self.size - off))
 
-    async def _fetch(self, start: int, count: int) -> None:
-        """Read clusters [start, start+count) from the base and store them."""
-        cs = self.cs
+    async def _fetch(self, start: int, futs: list[asyncio.Future[bytes]]) -> None:
+        """Read clusters [start, start+len(futs)) from the base, resolve their
+        futures and store them."""
+        cs, count = self.cs, len(futs)
         off = start * cs
         n = min(count * cs, self.size - off)
-        futs = [self.inflight[ci] for ci in range(start, start + count)]
         try:
             generation = self._generation
             if self.base.fingerprint() != self._base_fp:
@@ -387,7 +401,7 @@ class CacheLayer(BlockLayer):
                 if not fut.done():
                     fut.set_exception(e)
                     fut.exception()  # waiters re-raise it; don't log it as unretrieved
-                self.inflight.pop(ci, None)
+                self._forget(ci, fut)
             raise
         self.ext.bytes_from_base += n
         view = memoryview(data)
@@ -398,8 +412,13 @@ class CacheLayer(BlockLayer):
                 await self._store(start, data, generation)
         finally:
             # Only now: until the store lands, newcomers must reuse these results.
-            for ci in range(start, start + count):
-                self.inflight.pop(ci, None)
+            for ci, fut in zip(range(start, start + count), futs, strict=True):
+                self._forget(ci, fut)
+
+    def _forget(self, ci: int, fut: asyncio.Future[bytes]) -> None:
+        # After a reset the slot may hold a newer fetch's future: leave that one.
+        if self.inflight.get(ci) is fut:
+            del self.inflight[ci]
 
     async def _check_version(self) -> None:
         generation = self._generation
@@ -499,6 +518,10 @@ class CacheLayer(BlockLayer):
         step = max(_STORE_PIECE // cs, 1)
         first = start
         while first < start + count:
+            if generation != self._generation:
+                # The cache was dropped (maybe while evictions made room): a
+                # write queued behind the reset's unmap would map old bytes.
+                break
             n = min(step, start + count - first)
             try:
                 await self.img.pwrite(first * cs, view[(first - start) * cs:
