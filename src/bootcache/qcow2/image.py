@@ -248,14 +248,19 @@ class Qcow2Image(SourceBacked, BlockLayer):
         cluster, _ = await self.refcounts.allocate(1)
         self.unsynced_allocations = True
         new_off = cluster << self.cb
-        if off:
-            table = array("Q", await self.l2_cache.get(off))
-            self._schedule_free(off >> self.cb, 1, False)
-        else:
-            table = array("Q", bytes(self.cs))
+        table = array("Q", await self.l2_cache.get(off)) if off else array("Q", bytes(self.cs))
         # Write the new table at once, so that no refcount ever covers a
         # cluster past the end of the file.
-        await self.source.pwrite(new_off, encode_u64(table))
+        try:
+            await self.source.pwrite(new_off, encode_u64(table))
+        except BaseException:
+            # Nothing references it yet: give it back (a full disk would keep
+            # a leaked cluster for each write that failed).
+            await self.refcounts.update(cluster, 1, -1)
+            await self.source.punch_hole(new_off, self.cs)
+            raise
+        if off:
+            self._schedule_free(off >> self.cb, 1, False)  # the shared table, now copied
         self.file_size = max(self.file_size, new_off + self.cs)
         self.l2_offsets.add(new_off)
         await self.l2_cache.put(new_off, table, dirty=True)
