@@ -35,6 +35,7 @@ _CACHE_COUNTERS = [
     ("evictions", "evictions", "Clusters evicted to stay under the quota"),
     ("resets", "resets", "Times the cache was dropped because the base changed"),
     ("background_errors", "background_errors", "Background stores, flushes or checks that failed"),
+    ("no_space", "no_space", "Stores or flushes refused for lack of disk space (served from base)"),
 ]
 _CACHE_GAUGES = [
     ("quota", "quota_bytes", "Cache quota"),

@@ -85,6 +85,9 @@ class CacheLayer(BlockLayer):
         self._refusal: str | None = None
         #: Background work (stores, flushes, version checks) that failed.
         self.background_errors = 0
+        #: Times the disk had no room for a store or flush (reads went on from
+        #: the base; caching resumed after a pause).
+        self.no_space = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # A synchronous read of the cache file, when it is a local file.
         self._pread_now: Callable[[int, int], bytes] | None = getattr(
@@ -309,6 +312,7 @@ class CacheLayer(BlockLayer):
             # What is on disk stays consistent; unflushed stores are retried later
             # or lost (leaked clusters), never wrong.
             self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
+            self.no_space += 1
             log.warning("%s: no space to flush the cache (%s)", self.name, e)
             return
         await self._persist_extension()
@@ -534,7 +538,9 @@ class CacheLayer(BlockLayer):
                     continue
                 # The read still succeeds from the base; try caching again later.
                 self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
-                log.warning("%s: no space to cache (%s); serving from the base", self.name, e)
+                self.no_space += 1
+                log.warning("%s: no space to cache (%s); serving from the base, caching "
+                            "again in %.0f s", self.name, e, _ENOSPC_RETRY)
                 break
             if generation != self._generation:
                 break  # the cache was dropped meanwhile: this piece is being unmapped
@@ -613,7 +619,7 @@ class CacheLayer(BlockLayer):
         out: dict[str, Any] = dict(self.ext.counters())
         out.update(quota=self.ext.quota, policy=cache_ext.POLICY_NAMES[self.ext.policy],
                    cached_clusters=len(self.cached), cluster_size=self.cs,
-                   background_errors=self.background_errors,
+                   background_errors=self.background_errors, no_space=self.no_space,
                    fetches_in_flight=len(self.inflight))
         out.update(self.base.metrics())  # the base's source counters, if remote
         return out
