@@ -18,6 +18,13 @@ holds the byte k % 251 + 1), so a wrong byte cannot pass unseen.
   ``qemu-img check`` (leaks allowed: the next owner reclaims them), restarts
   the daemon and reads everything back.
 
+- ``link``: the base behind nginx in a network namespace, over a veth pair
+  made slow and lossy (``tc netem`` delay 50 ms, loss 1%; where the kernel
+  has no netem, 1% loss by iptables' statistic match and no delay). Each
+  round starts the readers on a cold cache; they must all complete with the
+  right bytes, and the bytes crossing the link (the veth's rx counter) must
+  stay at about one working set. Needs root.
+
 It prints one line per round and a summary: rounds, wrong bytes (must be 0),
 corrupt images (must be 0), reads failed with EIO.
 """
@@ -194,9 +201,113 @@ def kill(node: Node, args: argparse.Namespace, rng: random.Random) -> dict[str, 
     return totals
 
 
+def sh(*cmd: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise OSError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+
+
+class LossyLink:
+    """A namespace with nginx at its end of a shaped veth pair."""
+
+    def __init__(self, work: Path) -> None:
+        tag = os.getpid() % 10000
+        self.ns, self.host_if, self.ns_if = f"bcc{tag}", f"bcc{tag}h", f"bcc{tag}n"
+        octet = os.getpid() % 250 + 1
+        self.host_ip, self.ns_ip = f"10.214.{octet}.1", f"10.214.{octet}.2"
+        self.work = work
+        self.rule: list[str] = []
+        self.nginx: subprocess.Popen[bytes] | None = None
+        self.shaping = ""
+
+    def up(self) -> None:
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        sh("ip", "link", "set", self.ns_if, "netns", self.ns)
+        sh("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+        sh("ip", "link", "set", self.host_if, "up")
+        sh("ip", "-n", self.ns, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
+        sh("ip", "-n", self.ns, "link", "set", self.ns_if, "up")
+        try:
+            sh("tc", "qdisc", "add", "dev", self.host_if, "root", "netem", "delay", "50ms",
+               "loss", "1%")
+            sh("tc", "-n", self.ns, "qdisc", "add", "dev", self.ns_if, "root", "netem",
+               "delay", "50ms", "loss", "1%")
+            self.shaping = "netem delay 50ms loss 1%"
+        except OSError:
+            self.rule = ["INPUT", "-i", self.host_if, "-m", "statistic", "--mode", "random",
+                         "--probability", "0.01", "-j", "DROP"]
+            sh("iptables", "-A", *self.rule)
+            self.shaping = "no netem in this kernel: iptables loss 1%, no delay"
+
+    def serve(self, root: Path) -> str:
+        prefix = self.work / "nginx"
+        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        temps = "".join(f"{k}_temp_path {prefix}/tmp; " for k in
+                        ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        conf.write_text(f"worker_processes 1; user root; error_log {prefix}/error.log; "
+                        f"pid {prefix}/nginx.pid; events {{ worker_connections 256; }} "
+                        f"http {{ access_log off; {temps} server {{ listen "
+                        f"{self.ns_ip}:8080; root {root}; }} }}\n")
+        self.nginx = subprocess.Popen(["ip", "netns", "exec", self.ns, "nginx", "-c", str(conf),
+                                       "-p", str(prefix), "-g", "daemon off;"])
+
+        def listening() -> bool:
+            return subprocess.run(["curl", "-s", "-o", "/dev/null", "-I",
+                                   f"http://{self.ns_ip}:8080/"]).returncode == 0
+        wait_for(listening, "nginx in the namespace")
+        return f"http://{self.ns_ip}:8080/base.raw"
+
+    def rx_bytes(self) -> int:
+        return int(Path(f"/sys/class/net/{self.host_if}/statistics/rx_bytes").read_text())
+
+    def down(self) -> None:
+        if self.nginx is not None:
+            self.nginx.terminate()
+            self.nginx.wait()
+        if self.rule:
+            subprocess.run(["iptables", "-D", *self.rule], check=False)
+        subprocess.run(["ip", "link", "del", self.host_if], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], check=False, capture_output=True)
+
+
+def link(node: Node, args: argparse.Namespace, rng: random.Random) -> dict[str, int]:
+    totals = {"wrong": 0, "corrupt": 0, "eio": 0}
+    lk = LossyLink(node.work)
+    try:
+        lk.up()
+        www = node.work / "www"
+        www.mkdir()
+        os.link(node.work / "base.raw", www / "base.raw")
+        url = lk.serve(www)
+        print(f"link: {lk.shaping}", flush=True)
+        for r in range(args.rounds):
+            subprocess.run([PY, "-m", "bootcache", "create", "-q", "-f", "qcow2",
+                            "--cache-quota", args.quota, "-b", url, "-F", "raw",
+                            str(node.cache), str(node.size)], check=True)
+            before, start = lk.rx_bytes(), time.monotonic()
+            node.start_daemon()
+            storm = node.storm(args.readers, rng)
+            wrong, eio = tally(storm)
+            node.stop_daemon()
+            crossed = lk.rx_bytes() - before
+            ok = node.check(allow_leaks=False)
+            totals["wrong"] += wrong
+            totals["eio"] += eio
+            totals["corrupt"] += not ok
+            print(f"round {r}: {args.readers} readers in {time.monotonic() - start:.1f} s, "
+                  f"wrong {wrong}, EIO {eio}, link bytes {crossed} "
+                  f"({crossed / node.size:.3f} x the disk), "
+                  f"check {'clean' if ok else 'CORRUPT'}", flush=True)
+    finally:
+        lk.down()
+    return totals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("scenario", choices=["outage", "kill"])
+    ap.add_argument("scenario", choices=["outage", "kill", "link"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--readers", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=5.0,
@@ -211,7 +322,8 @@ def main() -> None:
     policy = "lru" if args.scenario == "kill" else "stop"
     node = Node(work, int(args.size) << 20, args.quota, policy, args.deadline)
     try:
-        totals = (outage if args.scenario == "outage" else kill)(node, args, rng)
+        run = {"outage": outage, "kill": kill, "link": link}[args.scenario]
+        totals = run(node, args, rng)
     finally:
         node.stop_daemon(signal.SIGKILL)
         node.stop_base()
