@@ -15,11 +15,13 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cache.conftest import (
     CLUSTER,
@@ -92,7 +94,8 @@ def test_disk_fills_under_100_exports(tmp_path: Path, small_disk: Path, daemons:
     ballast.write_bytes(bytes(max(free_bytes(small_disk) - 8 * MiB, 0)))
     room = free_bytes(small_disk)
     assert room < EXPORTS * SIZE // 10
-    d = daemons(*[f"{c}=e{i}" for i, c in enumerate(caches)], env=child_env(tmp_path))
+    d = daemons(*[f"{c}=e{i}" for i, c in enumerate(caches)], "--metrics", "127.0.0.1:0",
+                env=child_env(tmp_path))
     storm(d, base)
     stats = all_stats(d)
     assert len(stats) == EXPORTS
@@ -100,6 +103,13 @@ def test_disk_fills_under_100_exports(tmp_path: Path, small_disk: Path, daemons:
     held = sum(s["cached_clusters"] for s in stats.values())
     assert 0 < held * CLUSTER <= room
     assert "no space to cache" in d.log()
+    with urllib.request.urlopen(d.where["metrics"], timeout=30) as resp:
+        scraped = {s.labels["image"]: s.value
+                   for fam in text_string_to_metric_families(resp.read().decode())
+                   for s in fam.samples if s.name == "bootcache_cache_no_space_total"}
+    # The same counters (stores still landing may have added to them since).
+    assert scraped.keys() == stats.keys()
+    assert all(scraped[image] >= s["no_space"] for image, s in stats.items())
     # A full disk, read again: still every byte right.
     storm(d, base)
     # Space returns: caching resumes in the same daemon.
