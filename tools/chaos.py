@@ -25,6 +25,13 @@ holds the byte k % 251 + 1), so a wrong byte cannot pass unseen.
   right bytes, and the bytes crossing the link (the veth's rx counter) must
   stay at about one working set. Needs root.
 
+- ``replace``: the base behind nginx on loopback is replaced (a new ETag)
+  at a random moment of each round while nbdcopy readers read the whole disk
+  one two-cluster request at a time (an LRU cache smaller than the disk, so
+  stores evict all along). Every request must be wholly one version, no
+  reader may go back to the old version after the new one, and afterwards
+  the cache must be clean and hold clusters of the new version only.
+
 It prints one line per round and a summary: rounds, wrong bytes (must be 0),
 corrupt images (must be 0), reads failed with EIO.
 """
@@ -305,9 +312,112 @@ def link(node: Node, args: argparse.Namespace, rng: random.Random) -> dict[str, 
     return totals
 
 
+def version_byte(version: int, k: int) -> int:
+    # Versions v and v+n differ in every cluster while n < 251.
+    return (k + 100 * version) % 251 + 1
+
+
+def write_version(path: Path, version: int, clusters: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for k in range(clusters):
+            f.write(bytes([version_byte(version, k)]) * CLUSTER)
+    tmp.replace(path)  # a new inode: a new ETag
+
+
+def request_versions(data: bytes, clusters: int, versions: tuple[int, int]) -> list[int]:
+    """The version of each two-cluster request of a reader's output; -1 when a
+    request is of neither version or mixes them."""
+    out = []
+    for r in range(clusters // 2):
+        piece = data[2 * r * CLUSTER:(2 * r + 2) * CLUSTER]
+        found = -1
+        for v in versions:
+            if piece == b"".join(bytes([version_byte(v, k)]) * CLUSTER
+                                 for k in (2 * r, 2 * r + 1)):
+                found = v
+        out.append(found)
+    return out
+
+
+def replace(node: Node, args: argparse.Namespace, rng: random.Random) -> dict[str, int]:
+    totals = {"wrong": 0, "corrupt": 0, "eio": 0}
+    www = node.work / "www"
+    www.mkdir()
+    base = www / "base.raw"
+    write_version(base, 0, node.clusters)
+    prefix = node.work / "nginx"
+    (prefix / "tmp").mkdir(parents=True)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temps = "".join(f"{k}_temp_path {prefix}/tmp; " for k in
+                    ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    user = "user root;" if os.geteuid() == 0 else ""
+    (prefix / "nginx.conf").write_text(
+        f"worker_processes 1; {user} error_log {prefix}/error.log; pid {prefix}/nginx.pid; "
+        f"events {{ worker_connections 256; }} http {{ access_log off; {temps} server {{ "
+        f"listen 127.0.0.1:{port}; root {www}; }} }}\n")
+    nginx = subprocess.Popen(["nginx", "-c", str(prefix / "nginx.conf"), "-p", str(prefix),
+                              "-g", "daemon off;"])
+    url = f"http://127.0.0.1:{port}/base.raw"
+    wait_for(lambda: subprocess.run(["curl", "-sfI", "-o", "/dev/null", url]).returncode == 0,
+             "nginx")
+    try:
+        for r in range(args.rounds):
+            old, new = r, r + 1
+            write_version(base, old, node.clusters)
+            subprocess.run([PY, "-m", "bootcache", "create", "-q", "-f", "qcow2",
+                            "--cache-quota", args.quota, "--cache-policy", "lru", "-b", url,
+                            "-F", "raw", str(node.cache), str(node.size)], check=True)
+            node.start_daemon()
+            readers = []
+            for i in range(args.readers):
+                out = node.work / f"copy{i}.raw"
+                readers.append((subprocess.Popen(
+                    ["nbdcopy", "--connections=1", "--requests=1", "--threads=1",
+                     f"--request-size={2 * CLUSTER}", "--no-extents",
+                     f"nbd+unix:///deb?socket={node.sock}", str(out)],
+                    stderr=subprocess.DEVNULL), out))
+            time.sleep(rng.uniform(0, args.seconds))  # a random moment of the storm
+            write_version(base, new, node.clusters)
+            mixed = backwards = spanned = 0
+            for proc, out in readers:
+                if proc.wait() != 0:
+                    totals["eio"] += 1
+                    continue
+                seq = request_versions(out.read_bytes(), node.clusters, (old, new))
+                mixed += seq.count(-1)
+                backwards += seq != sorted(seq)
+                spanned += old in seq and new in seq
+            node.stop_daemon()
+            spec = {"driver": "qcow2", "backing": None,
+                    "file": {"driver": "file", "filename": str(node.cache)}}
+            raw = node.work / "held.raw"
+            subprocess.run(["qemu-img", "convert", "-O", "raw", "json:" + json.dumps(spec),
+                            str(raw)], check=True)
+            held = raw.read_bytes()
+            # Before the change was noticed the cache held the old version; after
+            # a reset, only new clusters. Old ones may remain only if no reader
+            # met the change at all.
+            stale = sum(1 for k in range(node.clusters)
+                        if held[k * CLUSTER] == version_byte(old, k)) if spanned else 0
+            ok = node.check(allow_leaks=False)
+            totals["wrong"] += mixed + backwards + stale
+            totals["corrupt"] += not ok
+            print(f"round {r}: readers spanning the change {spanned}/{args.readers}, "
+                  f"mixed requests {mixed}, went back {backwards}, old clusters kept "
+                  f"{stale}, check {'clean' if ok else 'CORRUPT'}", flush=True)
+    finally:
+        nginx.terminate()
+        nginx.wait()
+    return totals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("scenario", choices=["outage", "kill", "link"])
+    ap.add_argument("scenario", choices=["outage", "kill", "link", "replace"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--readers", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=5.0,
@@ -322,7 +432,7 @@ def main() -> None:
     policy = "lru" if args.scenario == "kill" else "stop"
     node = Node(work, int(args.size) << 20, args.quota, policy, args.deadline)
     try:
-        run = {"outage": outage, "kill": kill, "link": link}[args.scenario]
+        run = {"outage": outage, "kill": kill, "link": link, "replace": replace}[args.scenario]
         totals = run(node, args, rng)
     finally:
         node.stop_daemon(signal.SIGKILL)
