@@ -151,6 +151,13 @@ async def run_session(sock: str, stream: bytes, rng: random.Random) -> None:
             pass
 
 
+def open_connections(sock: str) -> int:
+    """Connections the daemon still counts (all sessions have hung up)."""
+    out = subprocess.run([PY, "-m", "bootcache", "ctl", "--control", sock + ".ctl", "list",
+                          "--output", "json"], capture_output=True, text=True, timeout=60)
+    return sum(e["connections"] for e in json.loads(out.stdout))
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -212,9 +219,10 @@ async def campaign(args: argparse.Namespace, work: Path) -> int:
             wrong += w
             failed += f_
             rss.append(rss_kib(daemon.pid))
+            conns = await asyncio.to_thread(open_connections, sock)
             rate = done / (time.monotonic() - start)
             print(f"{done} sessions ({rate:.0f}/s): wrong reads {wrong}, failed reads "
-                  f"{failed}, RSS {rss[-1]} KiB", flush=True)
+                  f"{failed}, RSS {rss[-1]} KiB, connections still open {conns}", flush=True)
     finally:
         daemon.terminate()
         daemon.wait()
