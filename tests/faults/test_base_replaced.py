@@ -29,8 +29,10 @@ straddles a cached (old) and a cold cluster.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +268,61 @@ def test_fetch_from_before_the_change_is_not_joined_after_it(tmp_path: Path,
             assert got == bytes(CLUSTER) or got == new[k * CLUSTER:(k + 1) * CLUSTER], k
     finally:
         nginx.stop()
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")
+@pytest.mark.parametrize("on_stale", ["reset", "refuse"])
+def test_qemu_disk_across_replacement(tmp_path: Path, nginx: NginxServer, daemons: Any,
+                                      on_stale: str) -> None:
+    """A running QEMU with the export as a disk (its own NBD client), read by
+    qemu-io inside QEMU: under reset it reads old blocks, then only new ones;
+    under refuse it never gets a byte of the new version."""
+    from vm.conftest import Vm
+
+    cache = tmp_path / "cache.qcow2"
+    bootcache("create", "-q", "-f", "qcow2", "--cache-quota", "100M", "--cache-on-stale",
+              on_stale, "-b", nginx.url("base.raw"), "-F", "raw", cache, str(SIZE))
+    d = daemons(f"{cache}=deb")
+    vmdir = Path(tempfile.mkdtemp(prefix="bcvm", dir="/tmp"))  # short socket paths
+    vm = Vm(vmdir, "vm")
+    try:
+        vm.qmp("blockdev-add", **{"driver": "raw", "node-name": "disk", "read-only": True,
+                                  "file": {"driver": "nbd", "export": "deb",
+                                           "server": {"type": "unix", "path": d.sock}}})
+
+        def qemu_io(command: str) -> str:
+            start = vm.log.stat().st_size
+            vm.qmp("human-monitor-command", **{"command-line": f'qemu-io disk "{command}"'})
+
+            def output() -> str:
+                return vm.log.read_bytes()[start:].decode(errors="replace")
+
+            wait_for(lambda: "bytes at offset" in output() or "error" in output().lower(), 60,
+                     f"qemu-io {command!r}")
+            return output()
+
+        def read(k: int, version: int) -> str:
+            return qemu_io(f"read -P {version_byte(version, k)} {k * CLUSTER} {CLUSTER}")
+
+        for k in range(4):
+            out = read(k, 1)
+            assert "Pattern verification failed" not in out and "error" not in out.lower(), out
+        nginx.put("base.raw", version_image(2))
+        if on_stale == "reset":
+            out = read(40, 2)  # a miss: meets the new ETag, the cache is reset
+            assert "Pattern verification failed" not in out and "error" not in out.lower(), out
+            for k in range(4):  # cached before the change: never old again
+                out = read(k, 2)
+                assert "Pattern verification failed" not in out, out
+                assert "error" not in out.lower(), out
+        else:
+            for k in (40, 0, 1):  # a miss, then clusters cached before the change
+                out = read(k, 2)
+                assert "Pattern verification failed" in out or "error" in out.lower(), out
+                assert f"read {CLUSTER}/{CLUSTER}" not in out or "Pattern" in out, out
+                assert "Input/output error" in out, out
+    finally:
+        vm.stop()
+        shutil.rmtree(vmdir, ignore_errors=True)
+    assert d.stop() == 0
+    assert_clean(cache)
