@@ -271,11 +271,14 @@ async def _compare(img: Qcow2Image, cnt: _Counter, res: CheckResult,
                     res.corruptions_fixed += 1
         finally:
             rt.in_use = None
-        # New refcount blocks created while repairing are themselves referenced now.
+        # New refcount blocks created while repairing are themselves referenced
+        # now (they may lie past the clusters counted so far: count them too).
         for off in rt.block_set:
             c = off >> img.cb
-            if c >= cnt.nclusters or cnt.refs[c] == 0:
-                cnt.nclusters = max(cnt.nclusters, c + 1)
+            if c >= cnt.nclusters:
+                cnt.refs.extend([0] * (c + 1 - cnt.nclusters))
+                cnt.nclusters = c + 1
+            cnt.refs[c] = max(cnt.refs[c], 1)
 
 
 async def _check_copied(img: Qcow2Image, res: CheckResult,
