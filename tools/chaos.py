@@ -18,6 +18,20 @@ holds the byte k % 251 + 1), so a wrong byte cannot pass unseen.
   ``qemu-img check`` (leaks allowed: the next owner reclaims them), restarts
   the daemon and reads everything back.
 
+- ``link``: the base behind nginx in a network namespace, over a veth pair
+  made slow and lossy (``tc netem`` delay 50 ms, loss 1%; where the kernel
+  has no netem, 1% loss by iptables' statistic match and no delay). Each
+  round starts the readers on a cold cache; they must all complete with the
+  right bytes, and the bytes crossing the link (the veth's rx counter) must
+  stay at about one working set. Needs root.
+
+- ``replace``: the base behind nginx on loopback is replaced (a new ETag)
+  at a random moment of each round while nbdcopy readers read the whole disk
+  one two-cluster request at a time (an LRU cache smaller than the disk, so
+  stores evict all along). Every request must be wholly one version, no
+  reader may go back to the old version after the new one, and afterwards
+  the cache must be clean and hold clusters of the new version only.
+
 It prints one line per round and a summary: rounds, wrong bytes (must be 0),
 corrupt images (must be 0), reads failed with EIO.
 """
@@ -194,9 +208,216 @@ def kill(node: Node, args: argparse.Namespace, rng: random.Random) -> dict[str, 
     return totals
 
 
+def sh(*cmd: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise OSError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+
+
+class LossyLink:
+    """A namespace with nginx at its end of a shaped veth pair."""
+
+    def __init__(self, work: Path) -> None:
+        tag = os.getpid() % 10000
+        self.ns, self.host_if, self.ns_if = f"bcc{tag}", f"bcc{tag}h", f"bcc{tag}n"
+        octet = os.getpid() % 250 + 1
+        self.host_ip, self.ns_ip = f"10.214.{octet}.1", f"10.214.{octet}.2"
+        self.work = work
+        self.rule: list[str] = []
+        self.nginx: subprocess.Popen[bytes] | None = None
+        self.shaping = ""
+
+    def up(self) -> None:
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        sh("ip", "link", "set", self.ns_if, "netns", self.ns)
+        sh("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+        sh("ip", "link", "set", self.host_if, "up")
+        sh("ip", "-n", self.ns, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
+        sh("ip", "-n", self.ns, "link", "set", self.ns_if, "up")
+        try:
+            sh("tc", "qdisc", "add", "dev", self.host_if, "root", "netem", "delay", "50ms",
+               "loss", "1%")
+            sh("tc", "-n", self.ns, "qdisc", "add", "dev", self.ns_if, "root", "netem",
+               "delay", "50ms", "loss", "1%")
+            self.shaping = "netem delay 50ms loss 1%"
+        except OSError:
+            self.rule = ["INPUT", "-i", self.host_if, "-m", "statistic", "--mode", "random",
+                         "--probability", "0.01", "-j", "DROP"]
+            sh("iptables", "-A", *self.rule)
+            self.shaping = "no netem in this kernel: iptables loss 1%, no delay"
+
+    def serve(self, root: Path) -> str:
+        prefix = self.work / "nginx"
+        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        temps = "".join(f"{k}_temp_path {prefix}/tmp; " for k in
+                        ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        conf.write_text(f"worker_processes 1; user root; error_log {prefix}/error.log; "
+                        f"pid {prefix}/nginx.pid; events {{ worker_connections 256; }} "
+                        f"http {{ access_log off; {temps} server {{ listen "
+                        f"{self.ns_ip}:8080; root {root}; }} }}\n")
+        self.nginx = subprocess.Popen(["ip", "netns", "exec", self.ns, "nginx", "-c", str(conf),
+                                       "-p", str(prefix), "-g", "daemon off;"])
+
+        def listening() -> bool:
+            return subprocess.run(["curl", "-s", "-o", "/dev/null", "-I",
+                                   f"http://{self.ns_ip}:8080/"]).returncode == 0
+        wait_for(listening, "nginx in the namespace")
+        return f"http://{self.ns_ip}:8080/base.raw"
+
+    def rx_bytes(self) -> int:
+        return int(Path(f"/sys/class/net/{self.host_if}/statistics/rx_bytes").read_text())
+
+    def down(self) -> None:
+        if self.nginx is not None:
+            self.nginx.terminate()
+            self.nginx.wait()
+        if self.rule:
+            subprocess.run(["iptables", "-D", *self.rule], check=False)
+        subprocess.run(["ip", "link", "del", self.host_if], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], check=False, capture_output=True)
+
+
+def link(node: Node, args: argparse.Namespace, rng: random.Random) -> dict[str, int]:
+    totals = {"wrong": 0, "corrupt": 0, "eio": 0}
+    lk = LossyLink(node.work)
+    try:
+        lk.up()
+        www = node.work / "www"
+        www.mkdir()
+        os.link(node.work / "base.raw", www / "base.raw")
+        url = lk.serve(www)
+        print(f"link: {lk.shaping}", flush=True)
+        for r in range(args.rounds):
+            subprocess.run([PY, "-m", "bootcache", "create", "-q", "-f", "qcow2",
+                            "--cache-quota", args.quota, "-b", url, "-F", "raw",
+                            str(node.cache), str(node.size)], check=True)
+            before, start = lk.rx_bytes(), time.monotonic()
+            node.start_daemon()
+            storm = node.storm(args.readers, rng)
+            wrong, eio = tally(storm)
+            node.stop_daemon()
+            crossed = lk.rx_bytes() - before
+            ok = node.check(allow_leaks=False)
+            totals["wrong"] += wrong
+            totals["eio"] += eio
+            totals["corrupt"] += not ok
+            print(f"round {r}: {args.readers} readers in {time.monotonic() - start:.1f} s, "
+                  f"wrong {wrong}, EIO {eio}, link bytes {crossed} "
+                  f"({crossed / node.size:.3f} x the disk), "
+                  f"check {'clean' if ok else 'CORRUPT'}", flush=True)
+    finally:
+        lk.down()
+    return totals
+
+
+def version_byte(version: int, k: int) -> int:
+    # Versions v and v+n differ in every cluster while n < 251.
+    return (k + 100 * version) % 251 + 1
+
+
+def write_version(path: Path, version: int, clusters: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for k in range(clusters):
+            f.write(bytes([version_byte(version, k)]) * CLUSTER)
+    tmp.replace(path)  # a new inode: a new ETag
+
+
+def request_versions(data: bytes, clusters: int, versions: tuple[int, int]) -> list[int]:
+    """The version of each two-cluster request of a reader's output; -1 when a
+    request is of neither version or mixes them."""
+    out = []
+    for r in range(clusters // 2):
+        piece = data[2 * r * CLUSTER:(2 * r + 2) * CLUSTER]
+        found = -1
+        for v in versions:
+            if piece == b"".join(bytes([version_byte(v, k)]) * CLUSTER
+                                 for k in (2 * r, 2 * r + 1)):
+                found = v
+        out.append(found)
+    return out
+
+
+def replace(node: Node, args: argparse.Namespace, rng: random.Random) -> dict[str, int]:
+    totals = {"wrong": 0, "corrupt": 0, "eio": 0}
+    www = node.work / "www"
+    www.mkdir()
+    base = www / "base.raw"
+    write_version(base, 0, node.clusters)
+    prefix = node.work / "nginx"
+    (prefix / "tmp").mkdir(parents=True)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temps = "".join(f"{k}_temp_path {prefix}/tmp; " for k in
+                    ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    user = "user root;" if os.geteuid() == 0 else ""
+    (prefix / "nginx.conf").write_text(
+        f"worker_processes 1; {user} error_log {prefix}/error.log; pid {prefix}/nginx.pid; "
+        f"events {{ worker_connections 256; }} http {{ access_log off; {temps} server {{ "
+        f"listen 127.0.0.1:{port}; root {www}; }} }}\n")
+    nginx = subprocess.Popen(["nginx", "-c", str(prefix / "nginx.conf"), "-p", str(prefix),
+                              "-g", "daemon off;"])
+    url = f"http://127.0.0.1:{port}/base.raw"
+    wait_for(lambda: subprocess.run(["curl", "-sfI", "-o", "/dev/null", url]).returncode == 0,
+             "nginx")
+    try:
+        for r in range(args.rounds):
+            old, new = r, r + 1
+            write_version(base, old, node.clusters)
+            subprocess.run([PY, "-m", "bootcache", "create", "-q", "-f", "qcow2",
+                            "--cache-quota", args.quota, "--cache-policy", "lru", "-b", url,
+                            "-F", "raw", str(node.cache), str(node.size)], check=True)
+            node.start_daemon()
+            readers = []
+            for i in range(args.readers):
+                out = node.work / f"copy{i}.raw"
+                readers.append((subprocess.Popen(
+                    ["nbdcopy", "--connections=1", "--requests=1", "--threads=1",
+                     f"--request-size={2 * CLUSTER}", "--no-extents",
+                     f"nbd+unix:///deb?socket={node.sock}", str(out)],
+                    stderr=subprocess.DEVNULL), out))
+            time.sleep(rng.uniform(0, args.seconds))  # a random moment of the storm
+            write_version(base, new, node.clusters)
+            mixed = backwards = spanned = 0
+            for proc, out in readers:
+                if proc.wait() != 0:
+                    totals["eio"] += 1
+                    continue
+                seq = request_versions(out.read_bytes(), node.clusters, (old, new))
+                mixed += seq.count(-1)
+                backwards += seq != sorted(seq)
+                spanned += old in seq and new in seq
+            node.stop_daemon()
+            spec = {"driver": "qcow2", "backing": None,
+                    "file": {"driver": "file", "filename": str(node.cache)}}
+            raw = node.work / "held.raw"
+            subprocess.run(["qemu-img", "convert", "-O", "raw", "json:" + json.dumps(spec),
+                            str(raw)], check=True)
+            held = raw.read_bytes()
+            # Before the change was noticed the cache held the old version; after
+            # a reset, only new clusters. Old ones may remain only if no reader
+            # met the change at all.
+            stale = sum(1 for k in range(node.clusters)
+                        if held[k * CLUSTER] == version_byte(old, k)) if spanned else 0
+            ok = node.check(allow_leaks=False)
+            totals["wrong"] += mixed + backwards + stale
+            totals["corrupt"] += not ok
+            print(f"round {r}: readers spanning the change {spanned}/{args.readers}, "
+                  f"mixed requests {mixed}, went back {backwards}, old clusters kept "
+                  f"{stale}, check {'clean' if ok else 'CORRUPT'}", flush=True)
+    finally:
+        nginx.terminate()
+        nginx.wait()
+    return totals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("scenario", choices=["outage", "kill"])
+    ap.add_argument("scenario", choices=["outage", "kill", "link", "replace"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--readers", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=5.0,
@@ -211,7 +432,8 @@ def main() -> None:
     policy = "lru" if args.scenario == "kill" else "stop"
     node = Node(work, int(args.size) << 20, args.quota, policy, args.deadline)
     try:
-        totals = (outage if args.scenario == "outage" else kill)(node, args, rng)
+        run = {"outage": outage, "kill": kill, "link": link, "replace": replace}[args.scenario]
+        totals = run(node, args, rng)
     finally:
         node.stop_daemon(signal.SIGKILL)
         node.stop_base()

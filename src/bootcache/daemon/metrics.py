@@ -37,6 +37,7 @@ _CACHE_COUNTERS = [
     ("background_errors", "background_errors", "Background stores, flushes or checks that failed"),
     ("prefetched_bytes", "prefetched_bytes", "Bytes fetched ahead from the boot profile"),
     ("prefetch_hits", "prefetch_hits", "Reads served from clusters a prefetch fetched"),
+    ("no_space", "no_space", "Stores or flushes refused for lack of disk space (served from base)"),
 ]
 _CACHE_GAUGES = [
     ("quota", "quota_bytes", "Cache quota"),

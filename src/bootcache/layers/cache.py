@@ -116,6 +116,9 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         self._refusal: str | None = None
         #: Background work (stores, flushes, version checks) that failed.
         self.background_errors = 0
+        #: Times the disk had no room for a store or flush (reads went on from
+        #: the base; caching resumed after a pause).
+        self.no_space = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # A synchronous read of the cache file, when it is a local file.
         self._pread_now: Callable[[int, int], bytes] | None = getattr(
@@ -218,6 +221,10 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         # wrote is allocated by then, and unmapped here with the rest.
         self._generation += 1
         self.cached.clear()
+        # Fetches in flight may bring old bytes: readers from now on must not
+        # wait for them (their own readers still get them, and read again).
+        self.inflight.clear()
+        self.prefetched.clear()  # hits on refetched clusters are not prefetch hits
         if await self.img.unmap_all():
             await self.img.flush()
         self.cached.clear()
@@ -273,6 +280,16 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
     async def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.img.size:
             self.check_range(offset, length)
+        while True:
+            generation = self._generation
+            data = await self._pread_once(offset, length)
+            if generation == self._generation:
+                return data
+            # A reset of the cache overlapped this read: parts of it may be of
+            # the old base (cached clusters, fetches from before) and parts of
+            # the new one. One request is one version: read it all again.
+
+    async def _pread_once(self, offset: int, length: int) -> bytes:
         if self._resetting is not None:
             # The base is being switched: no byte of either version until it is.
             await asyncio.shield(self._resetting)
@@ -364,6 +381,7 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             # What is on disk stays consistent; unflushed stores are retried later
             # or lost (leaked clusters), never wrong.
             self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
+            self.no_space += 1
             log.warning("%s: no space to flush the cache (%s)", self.name, e)
             return
         await self._persist_extension()
@@ -598,6 +616,10 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         step = max(_STORE_PIECE // cs, 1)
         first = start
         while first < start + count:
+            if generation != self._generation:
+                # The cache was dropped (maybe while evictions made room): a
+                # write queued behind the reset's unmap would map old bytes.
+                break
             n = min(step, start + count - first)
             try:
                 await self.img.pwrite(first * cs, view[(first - start) * cs:
@@ -610,7 +632,9 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
                     continue
                 # The read still succeeds from the base; try caching again later.
                 self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
-                log.warning("%s: no space to cache (%s); serving from the base", self.name, e)
+                self.no_space += 1
+                log.warning("%s: no space to cache (%s); serving from the base, caching "
+                            "again in %.0f s", self.name, e, _ENOSPC_RETRY)
                 break
             if generation != self._generation:
                 break  # the cache was dropped meanwhile: this piece is being unmapped
@@ -716,7 +740,7 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         out: dict[str, Any] = dict(self.ext.counters())
         out.update(quota=self.ext.quota, policy=cache_ext.POLICY_NAMES[self.ext.policy],
                    cached_clusters=len(self.cached), cluster_size=self.cs,
-                   background_errors=self.background_errors,
+                   background_errors=self.background_errors, no_space=self.no_space,
                    fetches_in_flight=len(self.inflight), prefetched_bytes=self.prefetched_bytes,
                    prefetch_hits=self.prefetch_hits)
         out.update(self.base.metrics())  # the base's source counters, if remote

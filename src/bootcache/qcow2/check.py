@@ -296,11 +296,14 @@ async def _compare(img: Checked, cnt: _Counter, res: CheckResult,
                     res.corruptions_fixed += 1
         finally:
             rt.in_use = None
-        # New refcount blocks created while repairing are themselves referenced now.
+        # New refcount blocks created while repairing are themselves referenced
+        # now (they may lie past the clusters counted so far: count them too).
         for off in rt.block_set:
             c = off >> img.map.cb
-            if c >= cnt.nclusters or cnt.refs[c] == 0:
-                cnt.nclusters = max(cnt.nclusters, c + 1)
+            if c >= cnt.nclusters:
+                cnt.refs.extend([0] * (c + 1 - cnt.nclusters))
+                cnt.nclusters = c + 1
+            cnt.refs[c] = max(cnt.refs[c], 1)
 
 
 async def _check_copied(img: Checked, res: CheckResult,
