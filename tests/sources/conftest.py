@@ -194,11 +194,19 @@ class NginxServer(Daemon):
         return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
 
     def put(self, name: str, data: bytes) -> Path:
-        """Replace a file atomically (new inode, new ETag)."""
+        """Replace a file atomically, with a new ETag.
+
+        nginx's ETag is the size and the modification time in whole seconds:
+        a replacement of the same size within the same second would keep it.
+        The new file's time is pushed past the old one's second so that the
+        change is visible, as it is for a real replacement."""
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
+        before = int(path.stat().st_mtime) if path.exists() else None
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)
+        if before is not None and int(tmp.stat().st_mtime) <= before:
+            os.utime(tmp, (before + 1, before + 1))
         tmp.replace(path)
         return path
 
