@@ -117,6 +117,12 @@ class BlockLayer(ABC):
         """The layers this one reads from (its backing file, the base of a cache)."""
         return []
 
+    def content_version(self) -> int | None:
+        """A number that moves whenever the bytes this layer serves switch to
+        another version of its base (a cache reset); None for a layer whose
+        content never switches under its readers."""
+        return None
+
     def metrics(self) -> dict[str, Any]:
         """This layer's own counters, for ``ctl stats`` and Prometheus."""
         return {}

@@ -242,6 +242,10 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
     def identity(self) -> dict[str, Any]:
         return self.img.identity()
 
+    def content_version(self) -> int:
+        # Bumped when a reset starts and when it ends.
+        return self._generation
+
     def pread_nowait(self, offset: int, length: int) -> bytes | None:
         if (self._resetting is not None or self._refusal is not None or offset < 0
                 or length > NOWAIT_MAX or offset + length > self.img.size):

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, cast
 
-from bootcache.block.layer import BlockLayer
+from bootcache.block.layer import BlockLayer, chain_of
 from bootcache.errors import BootcacheError, ReadOnlyError
 from bootcache.nbd import wire as w
 from bootcache.nbd.protocol import (
@@ -188,6 +188,9 @@ class NBDProtocol(asyncio.Protocol):
                                      max_payload=server.max_payload)
         self.export: Export | None = None
         self.layer: BlockLayer | None = None
+        #: The content versions of the export's chain when this connection's
+        #: first read or write was served (None: not yet). A client sees one.
+        self._pinned: list[tuple[BlockLayer, int]] | None = None
         self.peer = "?"
         self._batch: list[bytes] | None = None
         self._batch_bytes = 0
@@ -504,12 +507,45 @@ class NBDProtocol(asyncio.Protocol):
     def _ok(self, req: Request, _result: Any) -> None:
         self._send(self.conn.reply_ok(req.handle))
 
+    def _written(self, req: Request, _result: Any) -> None:
+        if self._version_moved():  # the write may have landed over the new version
+            self._refuse_moved(req)
+            return
+        self._pin()
+        self._ok(req, _result)
+
+    # --- one version per client -----------------------------------------------------------
+    def _version_moved(self) -> bool:
+        """True once the data under this connection switched to another
+        version of its base since its first read or write.
+
+        A guest that read blocks of the old base must not get blocks of the
+        new one (its file system would be a mix): from then on its reads and
+        writes fail with EIO, and a reconnecting client starts afresh."""
+        pinned = self._pinned
+        return pinned is not None and any(lay.content_version() != v for lay, v in pinned)
+
+    def _pin(self) -> None:
+        """At the first request served: the versions this client sees from now on."""
+        if self._pinned is None and self.layer is not None:
+            self._pinned = [(lay, v) for lay in chain_of(self.layer)
+                            if (v := lay.content_version()) is not None]
+
+    def _refuse_moved(self, req: Request) -> None:
+        if self.export is not None:
+            self.export.counters.errors += 1
+        self._failed(req, OSError(errno.EIO, "the base changed since this client's first "
+                                  "request; reconnect to read the new version"))
+
     # --- commands --------------------------------------------------------------------------
     def _read(self, req: Request) -> None:
         """A read the layer serves without waiting goes straight into the
         batch; any other runs in a Task."""
         layer, export = self.layer, self.export
         assert layer is not None and export is not None
+        if self._version_moved():
+            self._refuse_moved(req)
+            return
         try:
             data = layer.pread_nowait(req.offset, req.length)
         except Exception as exc:  # the local read failed (EIO): the reply says so
@@ -523,6 +559,7 @@ class NBDProtocol(asyncio.Protocol):
         if batch is None or len(data) != req.length:
             self._read_done(req, data)
             return
+        self._pin()
         # Header and data go out as two buffers of one writev: no copy.
         batch.append(self.conn.read_header(req.handle, req.offset, req.length))
         batch.append(data)
@@ -535,18 +572,25 @@ class NBDProtocol(asyncio.Protocol):
             self._flush_batch()
 
     def _read_done(self, req: Request, data: bytes) -> None:
+        if self._version_moved():  # a reset overlapped the read
+            self._refuse_moved(req)
+            return
         if self.export is not None:
             self.export.counters.add(req.length, self._waited)
         if len(data) != req.length:
             self._failed(req, OSError(errno.EIO, f"short read: {len(data)} of {req.length}"))
             return
+        self._pin()
         # Header and data go out as two buffers of one writev: no copy.
         self._send(self.conn.read_header(req.handle, req.offset, req.length))
         self._send(data)
 
     def _write(self, req: Request) -> None:
         assert self.layer is not None
-        self._start(req, self._ok, self.layer.pwrite, req.offset, req.data,
+        if self._version_moved():
+            self._refuse_moved(req)
+            return
+        self._start(req, self._written, self.layer.pwrite, req.offset, req.data,
                     fua=bool(req.flags & w.CMD_FLAG_FUA))
 
     def _flush(self, req: Request) -> None:

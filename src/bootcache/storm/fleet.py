@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -139,10 +139,14 @@ class Fleet:
                 uris[i] = f"nbd+unix:///boot?socket={sock}"
             yield uris
 
-    def boot(self, config: str, uris: dict[int, str],
+    def egress(self, which: Iterable[int]) -> dict[int, int]:
+        return {i: self.net.nodes[i].egress_bytes() for i in which}
+
+    def boot(self, config: str, uris: dict[int, str], before: dict[int, int],
              prepare_s: dict[int, float] | None = None) -> list[Row]:
-        """M VMs on every node in ``uris`` at once; one row per node."""
-        before = {i: self.net.nodes[i].egress_bytes() for i in uris}
+        """M VMs on every node in ``uris`` at once; one row per node. Egress
+        counts from ``before`` (taken before the daemons started: a
+        prefetch begins as soon as a daemon opens its cache)."""
 
         async def all_nodes() -> list[list[VmResult]]:
             return list(await asyncio.gather(*(
@@ -172,17 +176,20 @@ class Fleet:
     def run_config(self, config: str) -> None:
         every = range(self.s.k)
         if config == "no-cache":
+            before = self.egress(every)
             with self.daemons({i: self.base_uri for i in every}, read_only=True) as uris:
-                self.boot(config, uris)
+                self.boot(config, uris, before)
         elif config in ("cold", "cold-profile"):
             images = {i: self.create_cache(config, self.net.nodes[i]) for i in every}
+            before = self.egress(every)
             with self.daemons(images) as uris:
-                self.boot(config, uris)
+                self.boot(config, uris, before)
         elif config == "pulled":
             first = self.net.nodes[0]
             image = self.create_cache(config, first)
+            before = self.egress([0])
             with self.daemons({0: image}) as uris:
-                self.boot("pulled-first", uris)
+                self.boot("pulled-first", uris, before)
             self._run(self._bootcache("cache", "publish", image,
                                       f"s3://{BUCKET}/{CACHE_KEY}"), first)
             prepare: dict[int, float] = {}
@@ -199,8 +206,9 @@ class Fleet:
                 prepare[i] = time.monotonic() - t0
                 images[i] = path
             pulled = {i: self.net.nodes[i].egress_bytes() - before[i] for i in before}
+            before = self.egress(images)
             with self.daemons(images) as uris:
-                rows = self.boot(config, uris, prepare)
+                rows = self.boot(config, uris, before, prepare)
             for r in rows:  # the pull crossed the same link: count it apart
                 r.pull_bytes = pulled[r.node]
         else:
