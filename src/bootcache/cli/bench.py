@@ -180,7 +180,7 @@ def to_profile(trace_path: str, output: str, size: str, cluster_size: str) -> No
     from bootcache.qcow2 import profile_ext
 
     try:
-        prof = profile_ext.load_file(trace_path, parse_size(size), parse_size(cluster_size))
+        prof = tracemod.load_profile(trace_path, parse_size(size), parse_size(cluster_size))
     except BootcacheError as e:
         raise click.ClickException(str(e)) from e
     tmp = output + ".tmp"

@@ -209,9 +209,10 @@ def _add_profile(co: CreateOptions, path: str, size: int, quiet: bool) -> None:
     the image first: a bad profile is refused before anything is written)."""
     from bootcache.qcow2 import cache_ext, profile_ext
     from bootcache.qcow2.create import build_header
+    from bootcache.storm.trace import load_profile
 
     try:
-        prof = profile_ext.load_file(path, size, co.cluster_size)
+        prof = load_profile(path, size, co.cluster_size)
     except BootcacheError as e:
         raise click.BadParameter(str(e), param_hint="--cache-profile") from e
     quota = next(cache_ext.CacheExtension.decode(data).quota

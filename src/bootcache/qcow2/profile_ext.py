@@ -257,24 +257,8 @@ def from_byte_ranges(ranges: Iterable[tuple[int, int] | list[int]], virtual_size
     return prof
 
 
-def load_file(path: str, virtual_size: int, cluster_size: int) -> Profile:
-    """A profile file (JSON, as ``cache profile -o`` writes) or a boot trace
-    (``trace record``), for an image of ``virtual_size`` bytes."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"{path}: cannot read the profile: {e}") from e
-    if text.lstrip().startswith("{"):
-        return _from_json(text, path, virtual_size, cluster_size)
-    from bootcache.storm import trace
-
-    tr = trace.parse(text, path)
-    return from_byte_ranges(((r.offset, r.length) for r in tr.requests), virtual_size,
-                            cluster_size, what=path)
-
-
-def _from_json(text: str, path: str, virtual_size: int, cluster_size: int) -> Profile:
+def from_json_text(text: str, path: str, virtual_size: int, cluster_size: int) -> Profile:
+    """A profile file's text (JSON, as ``cache profile -o`` writes)."""
     import json
 
     try:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from bootcache.errors import BootcacheError
+
+if TYPE_CHECKING:
+    from bootcache.qcow2 import profile_ext
 
 
 @dataclass(frozen=True)
@@ -155,3 +158,20 @@ class TraceWriter:
             self.start = now
         self.out.write(f"{now - self.start:.6f} {offset} {length}\n")
         self.out.flush()
+
+
+def load_profile(path: str, virtual_size: int, cluster_size: int) -> profile_ext.Profile:
+    """A boot profile from a profile file (JSON, as ``cache profile -o``
+    writes) or a boot trace (``trace record``), for a disk of ``virtual_size``."""
+    from bootcache.qcow2 import profile_ext
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise profile_ext.ProfileError(f"{path}: cannot read the profile: {e}") from e
+    if text.lstrip().startswith("{"):
+        return profile_ext.from_json_text(text, path, virtual_size, cluster_size)
+    tr = parse(text, path)
+    return profile_ext.from_byte_ranges(((r.offset, r.length) for r in tr.requests),
+                                        virtual_size, cluster_size, what=path)
