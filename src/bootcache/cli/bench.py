@@ -25,6 +25,14 @@ def _floats(text: str) -> tuple[float, ...]:
         raise click.BadParameter(f"{text!r}: expected numbers separated by commas") from None
 
 
+def _configs(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    chosen = tuple(text.split(","))
+    unknown = set(chosen) - set(known)
+    if unknown:
+        raise click.BadParameter(f"unknown configurations: {', '.join(sorted(unknown))}")
+    return chosen
+
+
 @click.group()
 def bench() -> None:
     """Benchmarks."""
@@ -59,10 +67,7 @@ def bootstorm(quick: bool, ns: str | None, gaps: str | None, configs: str | None
     if gaps:
         s.gap_scales = _floats(gaps)
     if configs:
-        unknown = set(configs.split(",")) - set(storm.CONFIGS)
-        if unknown:
-            raise click.BadParameter(f"unknown configurations: {', '.join(sorted(unknown))}")
-        s.configs = tuple(configs.split(","))
+        s.configs = _configs(configs, storm.CONFIGS)
     sys.exit(storm.main(s, outdir))
 
 
@@ -73,7 +78,9 @@ def bootstorm(quick: bool, ns: str | None, gaps: str | None, configs: str | None
               help="Guest think time: the trace's gaps times this (0 = pure I/O).")
 @click.option("--rate", default="1gbit", show_default=True, help="Each node's link (tc rate).")
 @click.option("--configs", help="Configurations, comma-separated (default: all).")
-@click.option("--trace", "trace_path", help="Boot trace (default: the shipped Debian 12 trace).")
+@click.option("--trace", "trace_path",
+              help="Boot trace: a shipped one by name (" + ", ".join(tracemod.SHIPPED)
+              + ") or a trace file's path (default: debian12-minbase).")
 @click.option("--out", "outdir", default="bench/out", show_default=True)
 @click.option("--workdir", help="Keep images, logs and the S3 data here (default: a temporary "
               "folder, removed at the end).")
@@ -82,13 +89,10 @@ def fleet(k: int, m: int, gap_scale: float, rate: str, configs: str | None,
     """K compute nodes x M VMs booting from one S3 storage node (needs root)."""
     from bootcache.storm import fleet as fleetmod
 
-    tr = tracemod.load(trace_path) if trace_path else tracemod.debian12()
+    tr = tracemod.load_named(trace_path) if trace_path else tracemod.debian12()
     s = fleetmod.Settings(trace=tr, k=k, m=m, gap_scale=gap_scale, rate=rate, workdir=workdir)
     if configs:
-        unknown = set(configs.split(",")) - set(fleetmod.CONFIGS)
-        if unknown:
-            raise click.BadParameter(f"unknown configurations: {', '.join(sorted(unknown))}")
-        s.configs = tuple(configs.split(","))
+        s.configs = _configs(configs, fleetmod.CONFIGS)
     sys.exit(fleetmod.main(s, outdir))
 
 

@@ -388,8 +388,9 @@ def _profile_goals(rows: list[Row], distinct: int) -> list[str]:
     return out
 
 
-def plot(rows: list[Row], path: str) -> bool:
-    # matplotlib is the optional "bench" extra: a node install goes without it.
+def pyplot(path: str) -> Any:
+    """matplotlib's pyplot for drawing ``path``, or None (said on stderr) when
+    matplotlib, the optional "bench" extra a node install goes without, is absent."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -397,6 +398,13 @@ def plot(rows: list[Row], path: str) -> bool:
     except ImportError:
         print(f"no plot ({os.path.basename(path)}): matplotlib is not installed; "
               "install it with: pip install 'bootcache[bench]'", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(rows: list[Row], path: str) -> bool:
+    plt = pyplot(path)
+    if plt is None:
         return False
     gaps = sorted({r.gap_scale for r in rows})
     fig, axes = plt.subplots(1, len(gaps), figsize=(6 * len(gaps), 4.5), squeeze=False)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 from bootcache.errors import BootcacheError
 from bootcache.storm import netns, nodes
-from bootcache.storm.bench import run_async
+from bootcache.storm.bench import pyplot, run_async
 from bootcache.storm.replay import VmResult, replay_storm
 from bootcache.storm.s3node import S3Node
 from bootcache.storm.trace import Trace
@@ -291,13 +291,8 @@ def markdown(rows: list[Row], s: Settings) -> str:
 
 
 def plot(rows: list[Row], s: Settings, path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: matplotlib is not installed (pip install 'bootcache[bench]')",
-              file=sys.stderr)
+    plt = pyplot(path)
+    if plt is None:
         return False
     data = summary(rows, s.trace)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
