@@ -206,10 +206,13 @@ def test_unknown_export_fails_fast(tmp_path: Path, nbd_servers: list[NbdServer])
     server = started(nbd_servers, QemuNbdServer(tmp_path / "srv", path))
 
     async def go() -> None:
+        # A refusal is permanent: it must not be retried until the deadline. The
+        # deadline is long so that a loaded machine cannot blur the difference.
+        patient = FAST.with_overrides(deadline=30.0)
         t0 = time.monotonic()
         with pytest.raises(SourceError, match="no export named 'nope'"):
-            await NbdSource.open(f"nbd://127.0.0.1:{server.port}/nope", FAST)
-        assert time.monotonic() - t0 < 1.0
+            await NbdSource.open(f"nbd://127.0.0.1:{server.port}/nope", patient)
+        assert time.monotonic() - t0 < patient.deadline / 3
 
     asyncio.run(go())
 
@@ -227,7 +230,10 @@ def test_nbdkit_error_filter(tmp_path: Path, nbd_servers: list[NbdServer]) -> No
                               f"error-pread-file={every}"], filters=("error",)))
 
     async def go() -> None:
-        src = await NbdSource.open(flaky.uri, FAST.with_overrides(max_request=256 << 10))
+        # 30% of tries fail: the deadline is generous so that only the retry
+        # logic, not a loaded machine's scheduling, decides the outcome.
+        src = await NbdSource.open(flaky.uri, FAST.with_overrides(
+            max_request=256 << 10, timeout=5.0, deadline=30.0))
         try:
             some.touch()  # 30% of reads fail from now on
             await check_ranges(src, data, n=60)
@@ -242,7 +248,7 @@ def test_nbdkit_error_filter(tmp_path: Path, nbd_servers: list[NbdServer]) -> No
             t0 = time.monotonic()
             with pytest.raises(SourceError, match="EIO") as e:
                 await src.pread(0, 4096)
-            assert time.monotonic() - t0 < FAST.deadline + 0.5
+            assert time.monotonic() - t0 < FAST.deadline + 2.0
             # The server's errno stays reachable for an NBD server above us.
             assert isinstance(e.value.__cause__, NbdRequestError)
             assert e.value.__cause__.errno == 5
@@ -331,12 +337,12 @@ def test_server_stopped_mid_read_then_restarted(tmp_path: Path,
             for r in reads:
                 with pytest.raises(SourceError):
                     await r
-            assert time.monotonic() - t0 < FAST.deadline + 0.5
+            assert time.monotonic() - t0 < FAST.deadline + 2.0
             # Down: later reads fail within the deadline too.
             t0 = time.monotonic()
             with pytest.raises(SourceError, match="attempt"):
                 await src.pread(0, 4096)
-            assert time.monotonic() - t0 < FAST.deadline + 0.5
+            assert time.monotonic() - t0 < FAST.deadline + 2.0
             # Back: the same source reconnects by itself.
             await asyncio.to_thread(server.start)
             assert await src.pread(3 << 20, 1 << 20) == data[3 << 20:]
