@@ -189,8 +189,9 @@ class Case:
 
 
 def _put(buf: bytearray, off: int, width: int, value: int) -> None:
+    # Wrap as the C field would: mutations stack, so "old + cs" may pass 2**64.
     if off + width <= len(buf):
-        buf[off:off + width] = value.to_bytes(width, "big")
+        buf[off:off + width] = (value % (1 << 8 * width)).to_bytes(width, "big")
 
 
 def mutate(seed: Seed, case_seed: int) -> Case:
