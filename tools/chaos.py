@@ -20,7 +20,8 @@ holds the byte k % 251 + 1), so a wrong byte cannot pass unseen.
 
 - ``link``: the base behind nginx in a network namespace, over a veth pair
   made slow and lossy (``tc netem`` delay 50 ms, loss 1%; where the kernel
-  has no netem, 1% loss by iptables' statistic match and no delay). Each
+  has no netem, the same by iptables: 1% loss by the statistic match, 50 ms
+  delay by an NFQUEUE rule and tools/link_delay.py, each way). Each
   round starts the readers on a cold cache; they must all complete with the
   right bytes, and the bytes crossing the link (the veth's rx counter) must
   stay at about one working set. Needs root.
@@ -223,8 +224,8 @@ class LossyLink:
         octet = os.getpid() % 250 + 1
         self.host_ip, self.ns_ip = f"10.214.{octet}.1", f"10.214.{octet}.2"
         self.work = work
-        self.rule: list[str] = []
         self.nginx: subprocess.Popen[bytes] | None = None
+        self.delayer: subprocess.Popen[str] | None = None
         self.shaping = ""
 
     def up(self) -> None:
@@ -242,10 +243,23 @@ class LossyLink:
                "delay", "50ms", "loss", "1%")
             self.shaping = "netem delay 50ms loss 1%"
         except OSError:
-            self.rule = ["INPUT", "-i", self.host_if, "-m", "statistic", "--mode", "random",
-                         "--probability", "0.01", "-j", "DROP"]
-            sh("iptables", "-A", *self.rule)
-            self.shaping = "no netem in this kernel: iptables loss 1%, no delay"
+            self._delay_by_nfqueue()
+            self.shaping = "no netem in this kernel: iptables loss 1% and NFQUEUE delay 50ms"
+
+    def _delay_by_nfqueue(self) -> None:
+        # Rules inside the namespace go with it; the delayer is killed in down().
+        for chain, way in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            sh("ip", "netns", "exec", self.ns, "iptables", "-A", chain, way, self.ns_if, "-m",
+               "statistic", "--mode", "random", "--probability", "0.01", "-j", "DROP")
+            sh("ip", "netns", "exec", self.ns, "iptables", "-A", chain, way, self.ns_if, "-j",
+               "NFQUEUE", "--queue-num", "1")
+        self.delayer = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, sys.executable,
+             str(Path(__file__).with_name("link_delay.py")), "--queue", "1", "--delay", "0.05"],
+            stdout=subprocess.PIPE, text=True)
+        assert self.delayer.stdout is not None
+        if self.delayer.stdout.readline().strip() != "ready":
+            raise OSError("tools/link_delay.py did not start (is NetfilterQueue installed?)")
 
     def serve(self, root: Path) -> str:
         prefix = self.work / "nginx"
@@ -273,8 +287,9 @@ class LossyLink:
         if self.nginx is not None:
             self.nginx.terminate()
             self.nginx.wait()
-        if self.rule:
-            subprocess.run(["iptables", "-D", *self.rule], check=False)
+        if self.delayer is not None:
+            self.delayer.kill()
+            self.delayer.wait()
         subprocess.run(["ip", "link", "del", self.host_if], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], check=False, capture_output=True)
 

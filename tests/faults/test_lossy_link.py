@@ -1,10 +1,17 @@
 """A slow, lossy link to the storage node (issue 9, item 2).
 
 The base is served by nginx inside a network namespace made for the test,
-reached over a veth pair; the link is made slow and lossy on the host's end
-(``tc netem`` delay 50 ms, loss 1%) or, where the kernel has no netem,
-lossy only (1% of packets dropped by iptables' ``statistic`` match: real
-loss, real TCP retransmissions, no added delay). A storm of readers checking
+reached over a veth pair; the link is made slow and lossy, 50 ms each way
+and 1% of packets lost each way, in one of two ways:
+
+- ``netem``: ``tc netem delay 50ms loss 1%`` on both ends (skipped on kernels
+  built without sch_netem, like this project's CI machine);
+- ``nfqueue``: in the namespace, iptables' ``statistic`` match drops 1% of
+  the packets each way and an NFQUEUE rule hands the rest to
+  tools/link_delay.py, which holds each one 50 ms before letting it go:
+  real loss and a real round-trip time, with TCP's own retransmissions.
+
+A storm of readers checking
 every byte reads through ``bootcache serve``: it completes with the right
 bytes, and the bytes crossing the link (the veth's counters) stay at about
 one working set, however many readers want it.
@@ -17,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +37,7 @@ SIZE = 8 * MiB
 CLUSTERS = SIZE // CLUSTER
 READERS = 8
 PORT = 8080
+LINK_DELAY = Path(__file__).resolve().parents[2] / "tools" / "link_delay.py"
 
 
 def sh(*cmd: str) -> subprocess.CompletedProcess[str]:
@@ -47,7 +56,7 @@ class Link:
         self.workdir = workdir
         self.shaping = shaping
         self.nginx: subprocess.Popen[bytes] | None = None
-        self.iptables_rule: list[str] = []
+        self.delayer: subprocess.Popen[str] | None = None
 
     def up(self) -> None:
         for cmd in (["ip", "netns", "add", self.ns],
@@ -71,12 +80,32 @@ class Link:
                 if proc.returncode != 0:
                     raise OSError(f"tc netem: {proc.stderr.strip()}")
         else:
-            self.iptables_rule = ["INPUT", "-i", self.host_if, "-m", "statistic", "--mode",
-                                  "random", "--probability", "0.01", "-j", "DROP"]
-            proc = sh("iptables", "-A", *self.iptables_rule)
-            if proc.returncode != 0:
-                self.iptables_rule = []
-                raise OSError(f"iptables statistic: {proc.stderr.strip()}")
+            self._delay_in_namespace()
+
+    def _delay_in_namespace(self) -> None:
+        queue = os.getpid() % 60000 + 1
+        for chain, way in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            for target in (["-m", "statistic", "--mode", "random", "--probability", "0.01",
+                            "-j", "DROP"],
+                           ["-j", "NFQUEUE", "--queue-num", str(queue)]):
+                proc = sh("ip", "netns", "exec", self.ns, "iptables", "-A", chain, way,
+                          self.ns_if, *target)
+                if proc.returncode != 0:
+                    raise OSError(f"iptables {' '.join(target)}: {proc.stderr.strip()}")
+        try:
+            import netfilterqueue  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError as e:
+            raise OSError(f"no NetfilterQueue module: {e}") from e
+        self.delayer = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, sys.executable, str(LINK_DELAY),
+             "--queue", str(queue), "--delay", "0.05"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.delayer.stdout is not None
+        line = self.delayer.stdout.readline()  # the delayer says when its queue is bound
+        if line.strip() != "ready":
+            self.delayer.kill()
+            _, err = self.delayer.communicate(timeout=30)
+            raise OSError(f"tools/link_delay.py: {err.strip() or line!r}")
 
     def serve(self, root: Path) -> str:
         prefix = self.workdir / "nginx"
@@ -119,13 +148,14 @@ http {{
         if self.nginx is not None:
             self.nginx.terminate()
             self.nginx.wait(30)
-        if self.iptables_rule:
-            sh("iptables", "-D", *self.iptables_rule)
+        if self.delayer is not None:
+            self.delayer.kill()
+            self.delayer.wait(30)
         sh("ip", "link", "del", self.host_if)
         sh("ip", "netns", "del", self.ns)
 
 
-@pytest.fixture(params=["netem", "loss-only"])
+@pytest.fixture(params=["netem", "nfqueue"])
 def link(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
