@@ -63,6 +63,17 @@ FOUND_CASES = [
     # A dirty image whose repair made refcount blocks past the counted
     # clusters: the check indexed past its table (IndexError).
     ("zstd-compressed", 10006511),
+    # The 1M campaign (seeds 1000-1019):
+    # a backing name "nbd+unix:///x?so" raised ValueError, not a refusal;
+    ("v2-backing", 1007049031),
+    # a dirty image's repair counted a refcount block that a mutated table
+    # entry put terabytes past the file's end (MemoryError);
+    ("rc64-lazy", 1014026650),
+    ("zstd-compressed", 1017040559),
+    # a write in place to a data cluster whose L2 entry points far past the
+    # file's end (EFBIG from the file system, not a corrupt-image refusal).
+    ("zstd-rc1", 1015007223),
+    ("v3", 1019024760),
 ]
 
 

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING
 
 from bootcache.block.graph import NodeGraph, NodeRef, private_ref
 from bootcache.block.layer import BlockLayer
-from bootcache.errors import BackingPolicyError, BootcacheError, UnsupportedFeatureError
+from bootcache.errors import (
+    BackingPolicyError,
+    BootcacheError,
+    SourceError,
+    UnsupportedFeatureError,
+)
 from bootcache.layers.raw import RawLayer
 from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE, MAGIC
 from bootcache.qcow2.image import Qcow2Image
@@ -86,8 +91,14 @@ async def open_source(name: str, *, writable: bool,
     if is_uri(name) and not name.startswith("file://"):
         from bootcache.layers import uri  # remote kinds load their client libraries
 
-        src: ByteSource = await uri.open_source(name, writable=writable,
-                                                **(remote_options or {}))
+        try:
+            src: ByteSource = await uri.open_source(name, writable=writable,
+                                                    **(remote_options or {}))
+        except ValueError as e:
+            # A malformed URI or option, often from an image's backing name: a
+            # refusal like any other source's, not a programming error.
+            text = str(e)
+            raise SourceError(text if text.startswith(name) else f"{name}: {text}") from e
         return src
     path = _urlsplit(name).path if name.startswith("file://") else name
     return FileSource(path, writable=writable)

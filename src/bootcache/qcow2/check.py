@@ -298,8 +298,11 @@ async def _compare(img: Checked, cnt: _Counter, res: CheckResult,
             rt.in_use = None
         # New refcount blocks created while repairing are themselves referenced
         # now (they may lie past the clusters counted so far: count them too).
+        end = -(-(await img.source.size()) >> img.map.cb)
         for off in rt.block_set:
             c = off >> img.map.cb
+            if c >= end:
+                continue  # a table entry beyond the file: reported above, left as it is
             if c >= cnt.nclusters:
                 cnt.refs.extend([0] * (c + 1 - cnt.nclusters))
                 cnt.nclusters = c + 1

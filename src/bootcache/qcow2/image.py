@@ -354,6 +354,12 @@ class Qcow2Image(SourceBacked, BlockLayer):
         if not host or self.map.is_metadata(host):
             raise ImageCorruptError(
                 f"{self.name}: data cluster {ci} maps to metadata at {host:#x}; refusing to write")
+        if host >= self.barrier.file_size:
+            # Data reaches the file before the L2 entry naming it, so an entry past
+            # the end is damage; writing there could grow the file by terabytes.
+            raise ImageCorruptError(
+                f"{self.name}: data cluster {ci} maps to {host:#x}, beyond the end of the "
+                f"image file; refusing to write")
         return True
 
     async def _fill_zero_cluster(self, e: int, pos: int, piece: memoryview) -> None:
