@@ -13,6 +13,7 @@ ordering rule, the structures enforce it.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from bootcache.block.graph import NodeRef
@@ -168,12 +169,6 @@ class Qcow2Image(SourceBacked, BlockLayer):
         if self.backing is not None:
             await self.backing.settle()
 
-    async def refresh_identity(self) -> None:
-        if self.source.writable or not self.source.identity():
-            return
-        # A qcow2 file that changed under us has metadata we may have cached.
-        raise StaleBaseError(f"{self.name}: the qcow2 image changed; reopen it")
-
     # -- mapping (the cluster map's) --------------------------------------------
 
     def data_host(self, offset: int, length: int) -> int:
@@ -212,10 +207,11 @@ class Qcow2Image(SourceBacked, BlockLayer):
         with self.map.frees.reading():
             runs = await self.map_range(offset, length)
             if len(runs) == 1:
-                return await self._read_run(runs[0])
-            return b"".join([await self._read_run(r) for r in runs])
+                return await self.read_mapped(runs[0])
+            return b"".join([await self.read_mapped(r) for r in runs])
 
-    async def _read_run(self, run: Mapping) -> bytes:
+    async def read_mapped(self, run: Mapping) -> bytes:
+        """The bytes of a run :meth:`map_range` returned (inside :meth:`reading`)."""
         kind, guest, length, host = run
         if kind == DATA:
             return await self.source.pread(host, length)
@@ -434,10 +430,19 @@ class Qcow2Image(SourceBacked, BlockLayer):
         async with self.lock:
             await self.map.grow(new_size)
 
-    async def rewrite_header(self) -> None:
-        """Rewrite the header cluster from ``self.header`` (extensions kept)."""
+    async def refresh_identity(self) -> None:
+        if self.source.writable or not self.source.identity():
+            return
+        # A qcow2 file that changed under us has metadata we may have cached.
+        raise StaleBaseError(f"{self.name}: the qcow2 image changed; reopen it")
+
+    async def update_header(self, extensions: dict[int, bytes | None], *,
+                            autoclear_set: int = 0,
+                            adjust: Callable[[Header], None] | None = None) -> None:
+        """Replace header extensions and set autoclear bits in one header
+        rewrite (:meth:`HeaderWriter.rewrite_with`)."""
         self._require_writable()
-        await self.headers.rewrite()
+        await self.headers.rewrite_with(extensions, autoclear_set=autoclear_set, adjust=adjust)
 
     # -- zeroing and discard ---------------------------------------------------
 
