@@ -32,6 +32,7 @@ from bootcache.qcow2.cache_ext import CacheExtension
 from bootcache.qcow2.cache_store import Qcow2CacheStore
 from bootcache.qcow2.format import EXT_CACHE
 from bootcache.qcow2.image import Qcow2Image
+from bootcache.sources.version import BaseVersion
 
 log = logging.getLogger("bootcache.cache")
 
@@ -40,7 +41,6 @@ _SAMPLE_BYTES = 4096
 _FLUSH_INTERVAL = 1.0
 _ENOSPC_RETRY = 5.0
 _STORE_PIECE = 1 << 20
-_FINGERPRINT_INTERVAL_NS = 200_000
 
 
 def read_extension(img: Qcow2Image) -> CacheExtension | None:
@@ -113,21 +113,17 @@ class CacheLayer(BlockLayer):
         self._store_paused_until = 0.0
         #: Clusters promised to stores in progress.
         self._reserved = 0
-        self._base_fp: object = None
-        self._fp_checked = 0
-        interval = self.base.version_check_interval()
-        self._version_interval_ns = int(interval * 1e9) if interval else 0
-        self._version_checked = time.monotonic_ns()
-        #: Reopens the base when it changed in a way it cannot adopt (qcow2).
+        #: The version of the base's source, watched (None: a base that has none).
+        self.base_version: BaseVersion | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        #: Reopens the base when it changed in a way it cannot follow (qcow2).
         self.reopen_base: Callable[[], Coroutine[Any, Any, NodeRef]] | None = None
         #: Clusters fetched beyond a miss, in the same request (0: none).
         self.readahead = 0
         #: Bumped when a reset of the cache begins and again when it ends: fetches
-        #: from before must not be stored, and a base change observed before must
-        #: not reset the cache a second time (see _base_changed).
+        #: from before must not be stored, reads that overlapped it read again.
         self._generation = 0
-        #: Set while a reset runs: readers wait for it instead of detecting the
-        #: same change again.
+        #: Set while a reset runs: readers wait for it.
         self._resetting: asyncio.Future[None] | None = None
         #: Why this cache refuses to serve (on_stale=refuse), once it does.
         self._refusal: str | None = None
@@ -159,6 +155,7 @@ class CacheLayer(BlockLayer):
         if ext is None:
             raise ImageFormatError(f"{store.name}: not a cache image")
         layer = cls(store, ext)
+        layer._watch_base()
         layer.recorder.load(store)
         await layer._reclaim_leaks()
         layer._held(await store.held_clusters())
@@ -201,7 +198,6 @@ class CacheLayer(BlockLayer):
             # cleared our autoclear bit): every cached cluster must be proven.
             await self._revalidate()
         self.ext.identity = current
-        self._base_fp = self.base.fingerprint()
         self.counters.save_into(self.ext)
         self.ext.used_bytes = len(self.cached) * self.cs
         if self.ext.encode() != before:  # an unchanged image is not written at open
@@ -260,14 +256,9 @@ class CacheLayer(BlockLayer):
         if (self._resetting is not None or self._refusal is not None or offset < 0
                 or length > NOWAIT_MAX or offset + length > self.store.size):
             return None
-        now = time.monotonic_ns()
-        if self._version_interval_ns and now - self._version_checked >= self._version_interval_ns:
-            self._version_checked = now
-            self._background(self._check_version(), "version check")
-        if now - self._fp_checked >= _FINGERPRINT_INTERVAL_NS:
-            if self.base.fingerprint() != self._base_fp:
-                return None  # the base changed: pread() deals with it
-            self._fp_checked = now
+        version = self.base_version
+        if version is not None and (version.changing or version.poll()):
+            return None  # the base changed: pread() deals with it
         return self._hit_now(offset, length)
 
     def _hit_now(self, offset: int, length: int) -> bytes | None:
@@ -308,20 +299,15 @@ class CacheLayer(BlockLayer):
             # A fresh exception each time: re-raising one object would chain
             # every reader's traceback onto it for as long as clients retry.
             raise StaleBaseError(self._refusal)
-        now = time.monotonic_ns()
-        if self._version_interval_ns and now - self._version_checked >= self._version_interval_ns:
-            # Remote bases (HTTP ETag, S3): ask in the background every few
-            # seconds, since a warm cache never fetches and so never sees a change.
-            self._version_checked = now
-            self._background(self._check_version(), "version check")
-        if now - self._fp_checked >= _FINGERPRINT_INTERVAL_NS:
-            # Checked on reads, hits included (a warm cache never misses, and
-            # must still not serve bytes of a base that changed), but at most
-            # every 200 us: under load the check would cost more than the read.
-            self._fp_checked = now
-            generation = self._generation
-            if self.base.fingerprint() != self._base_fp:
-                await self._base_changed(generation)
+        version = self.base_version
+        if version is not None:
+            # Checked on reads, hits included: a warm cache never misses, and
+            # must still not serve bytes of a base that changed (the watcher
+            # looks at most every 200 us, and asks a remote base every few
+            # seconds in the background).
+            observed = version.current
+            if version.poll():
+                await self._report_change(version, observed)
         if length <= NOWAIT_MAX:
             # The hot path: a hit on host-contiguous clusters, one pread.
             data = self._hit_now(offset, length)
@@ -374,6 +360,8 @@ class CacheLayer(BlockLayer):
         return b"".join(pieces)
 
     async def settle(self) -> None:
+        if self.base_version is not None:
+            await self.base_version.settle()  # a version check may reset the cache
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -403,6 +391,8 @@ class CacheLayer(BlockLayer):
                 await hook()  # a prefetch stops before the stores settle
             # Let stores in progress land (they are part of what close persists).
             await self.settle()
+            if self._unsubscribe is not None:
+                self._unsubscribe()
             if self._flush_task is not None:
                 self._flush_task.cancel()
             if not self.store.closed:
@@ -497,14 +487,19 @@ class CacheLayer(BlockLayer):
         fut = fetch.future
         try:
             generation = self._generation
-            if self.base.fingerprint() != self._base_fp:
-                await self._base_changed(generation)
-                generation = self._generation
+            version = self.base_version
+            observed = version.current if version is not None else 0
+            if version is not None and version.moved():
+                await self._report_change(version, observed)
+                generation, version = self._generation, self.base_version
+                observed = version.current if version is not None else 0
             try:
                 data = await self.store.read_below(off, n)
             except StaleBaseError:
+                if version is None:
+                    raise
                 # The source saw a new version (ETag) in the middle of reading.
-                await self._base_changed(generation)
+                await self._report_change(version, observed)
                 generation = self._generation
                 data = await self.store.read_below(off, n)
         except BaseException as e:
@@ -529,57 +524,67 @@ class CacheLayer(BlockLayer):
             if inflight.get(ci) is fetch:
                 del inflight[ci]
 
-    async def _check_version(self) -> None:
-        generation = self._generation
-        if await self.base.version_changed():
-            await self._base_changed(generation)
+    # -- a changing base (sources/version.py) ----------------------------------------
 
-    async def _base_changed(self, observed: int) -> None:
-        """The base changed while serving: refuse, or drop everything once.
+    def _watch_base(self) -> None:
+        """Hear of changes of the base's source from now on (and no longer of
+        the one read before, if the base was reopened)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self.base_version = self.base.source_version()
+        self._unsubscribe = (self.base_version.subscribe(self)
+                             if self.base_version is not None else None)
 
-        ``observed`` is the generation current when the caller began looking
-        at the base (a version check, a fetch, a fingerprint). Several
-        detectors may see one change at about the same time; the first resets
-        the cache and adopts the base's newest version, and every detection
-        that began before that reset ended is covered by it. So one change of
-        the base gives exactly one reset, whatever noticed it.
-        """
-        while self._resetting is not None:
-            await asyncio.shield(self._resetting)
-        if self._generation != observed:
-            return  # a reset that began after this observation adopted the change
-        if self.ext.on_stale == cache_ext.ON_STALE_REFUSE:
-            if self._refusal is None:
-                self._refusal = (f"{self.name}: the base changed while serving; "
-                                 "refusing (on_stale=refuse)")
-                log.error("%s", self._refusal)
+    async def _report_change(self, version: BaseVersion, observed: int) -> None:
+        """A detector saw the base change since ``observed``: the watcher
+        handles it once for every layer over the source (this one included);
+        then a refusing cache refuses."""
+        await version.changed(observed)
+        if self._refusal is not None:
             raise StaleBaseError(self._refusal)
-        self._resetting = asyncio.get_running_loop().create_future()
-        try:
-            await self._reset_to_new_base()
-        finally:
-            self._generation += 1  # detections made during the reset are covered too
-            self._resetting.set_result(None)
-            self._resetting = None
 
-    async def _reset_to_new_base(self) -> None:
+    async def base_stale(self, version: BaseVersion) -> None:
+        """The base changed: refuse from now on, or drop everything (readers
+        wait until the base is adopted)."""
+        if self._refusal is not None or self._resetting is not None:
+            return
+        if self.ext.on_stale == cache_ext.ON_STALE_REFUSE:
+            self._refusal = (f"{self.name}: the base changed while serving; "
+                             "refusing (on_stale=refuse)")
+            log.error("%s", self._refusal)
+            return
         log.warning("%s: the base changed while serving; dropping the cache", self.name)
+        self._resetting = asyncio.get_running_loop().create_future()
         await self._drop_all()
         self.counters.resets += 1
+
+    async def base_adopted(self, version: BaseVersion) -> None:
+        """The base's source serves its new version: follow it, record its
+        identity, and let readers go on."""
+        resetting = self._resetting
+        if resetting is None:
+            return  # refusing
         try:
-            await self.base.refresh_identity()
-        except StaleBaseError:
-            if self.reopen_base is None:
-                raise
-            # A qcow2 base cannot adopt a new version in place: open it again.
-            old = self.store.swap_base(await self.reopen_base())
-            if old is not None:
-                # Fetches started before may still be reading the old base.
-                earlier = [t for t in self._tasks if t is not asyncio.current_task()]
-                self._background(self._release_after(old, earlier), "release of the old base")
-        self._base_fp = self.base.fingerprint()
-        self.ext.identity = await self.base_identity()
-        await self._persist_extension()
+            if not self.base.follows_new_versions:
+                await self._reopen_base()
+            self.ext.identity = await self.base_identity()
+            await self._persist_extension()
+        finally:
+            self._generation += 1  # reads that overlapped the reset read again
+            self._resetting = None
+            resetting.set_result(None)
+
+    async def _reopen_base(self) -> None:
+        # A qcow2 base keeps what it parsed of the old version: open it again.
+        if self.reopen_base is None:
+            self._refusal = f"{self.name}: the base changed and cannot be reopened"
+            raise StaleBaseError(self._refusal)
+        old = self.store.swap_base(await self.reopen_base())
+        self._watch_base()
+        if old is not None:
+            # Fetches started before may still be reading the old base.
+            earlier = [t for t in self._tasks if t is not asyncio.current_task()]
+            self._background(self._release_after(old, earlier), "release of the old base")
 
     async def _release_after(self, ref: NodeRef, tasks: list[asyncio.Task[None]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -754,6 +759,9 @@ class CacheLayer(BlockLayer):
         out = self.counters.snapshot(self.ext, cached_clusters=len(self.cached),
                                      cluster_size=self.cs,
                                      fetches_in_flight=len(self.inflight))
+        if self.base_version is not None:
+            # A version check of the base that failed is background work too.
+            out["background_errors"] += self.base_version.failed_checks
         out.update(self.base.metrics())  # the base's source counters, if remote
         return out
 

@@ -42,6 +42,7 @@ from bootcache.qcow2.header import HeaderWriter
 from bootcache.qcow2.refcount import Refcounts
 from bootcache.qcow2.tables import decode_u64
 from bootcache.sources.base import ByteSource
+from bootcache.sources.version import BaseVersion
 
 __all__ = ["COMPRESSED", "DATA", "UNALLOC", "ZERO", "Mapping", "Qcow2Image"]
 
@@ -50,6 +51,9 @@ _MAX_WRITE_CHUNK = 32 << 20
 
 class Qcow2Image(SourceBacked, BlockLayer):
     """A qcow2 file on a byte source, optionally over a backing layer."""
+
+    #: Its L1, L2 and refcount tables are of the version it was opened on.
+    follows_new_versions = False
 
     def __init__(self, source: ByteSource, header: Header, l1: array[int],
                  refcounts: Refcounts, *, writable: bool, name: str,
@@ -72,6 +76,9 @@ class Qcow2Image(SourceBacked, BlockLayer):
         self.closed = False
         #: Format decisions follow the header, whether or not the backing is open.
         self.has_backing = header.backing_file is not None
+        #: Why reads fail, once the source's content changed under the tables.
+        self.stale: str | None = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     @property
     def header(self) -> Header:
@@ -114,7 +121,20 @@ class Qcow2Image(SourceBacked, BlockLayer):
         img = cls(source, header, l1, refcounts, writable=writable, name=name)
         if writable:
             await img._prepare_for_writing(keep_autoclear)
+        else:
+            # A read-only image may be a base that is replaced under us.
+            img._unsubscribe = source.version.subscribe(img)
         return img
+
+    # -- a changing source (sources/version.py) ----------------------------------
+
+    async def base_stale(self, version: BaseVersion) -> None:
+        # The tables parsed so far describe the old content: whoever reads this
+        # image must open it again (follows_new_versions is False).
+        self.stale = f"{self.name}: the qcow2 image changed; open it again"
+
+    async def base_adopted(self, version: BaseVersion) -> None:
+        pass
 
     async def _prepare_for_writing(self, keep_autoclear: int) -> None:
         h = self.header
@@ -179,7 +199,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
     def pread_nowait(self, offset: int, length: int) -> bytes | None:
         # Lookup and read with no await between them: no release can intervene.
         pread_now = getattr(self.source, "pread_now", None)
-        if (pread_now is None or offset < 0 or length > NOWAIT_MAX
+        if (pread_now is None or self.stale or offset < 0 or length > NOWAIT_MAX
                 or offset + length > self.size):
             return None
         host = self.data_host(offset, length)
@@ -204,6 +224,8 @@ class Qcow2Image(SourceBacked, BlockLayer):
 
     async def pread(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
+        if self.stale:
+            raise StaleBaseError(self.stale)
         with self.map.frees.reading():
             runs = await self.map_range(offset, length)
             if len(runs) == 1:
@@ -249,6 +271,8 @@ class Qcow2Image(SourceBacked, BlockLayer):
         return data
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
+        if self.stale:
+            raise StaleBaseError(self.stale)
         out: list[Extent] = []
         for kind, guest, n, _ in await self.map_range(offset, length):
             if kind == UNALLOC:
@@ -430,12 +454,6 @@ class Qcow2Image(SourceBacked, BlockLayer):
         async with self.lock:
             await self.map.grow(new_size)
 
-    async def refresh_identity(self) -> None:
-        if self.source.writable or not self.source.identity():
-            return
-        # A qcow2 file that changed under us has metadata we may have cached.
-        raise StaleBaseError(f"{self.name}: the qcow2 image changed; reopen it")
-
     async def update_header(self, extensions: dict[int, bytes | None], *,
                             autoclear_set: int = 0,
                             adjust: Callable[[Header], None] | None = None) -> None:
@@ -514,6 +532,9 @@ class Qcow2Image(SourceBacked, BlockLayer):
             if self.writable:
                 await self.flush()
         finally:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+            await self.source.stop_watching()
             await self.source.close()
             if self.backing_ref is not None:
                 await self.backing_ref.release()  # closes it if nobody else reads it
