@@ -17,8 +17,7 @@ import errno
 import hashlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bootcache.block.graph import NodeRef
@@ -26,6 +25,7 @@ from bootcache.block.layer import NOWAIT_MAX, BlockLayer, Extent, chain_of
 from bootcache.block.store import CacheStore
 from bootcache.errors import BootcacheError, ImageCorruptError, ImageFormatError, StaleBaseError
 from bootcache.layers.cache_profile import ProfileRecorder
+from bootcache.layers.cache_quota import CacheQuota
 from bootcache.layers.cache_stats import CacheStats
 from bootcache.qcow2 import cache_ext, profile_ext
 from bootcache.qcow2.cache_ext import CacheExtension
@@ -99,9 +99,8 @@ class CacheLayer(BlockLayer):
         self.cs = store.cluster_size
         #: Counters, read by the daemon through metrics().
         self.counters = CacheStats.from_extension(ext)
-        #: Held clusters, least recently used first (the store's held clusters
-        #: at open, then each store and eviction: _held and _unheld).
-        self.cached: OrderedDict[int, None] = OrderedDict()
+        #: Held clusters in recency order, reservations, the quota's decisions.
+        self.quota = CacheQuota(ext, self.cs)
         #: Clusters being fetched from the base, each to the fetch bringing it.
         self.inflight: dict[int, _Fetch] = {}
         self.recorder = ProfileRecorder(self.name, self.cs, self.counters)
@@ -111,8 +110,6 @@ class CacheLayer(BlockLayer):
         self._dirty_counters = False
         self._last_flush = time.monotonic()
         self._store_paused_until = 0.0
-        #: Clusters promised to stores in progress.
-        self._reserved = 0
         #: The version of the base's source, watched (None: a base that has none).
         self.base_version: BaseVersion | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -158,7 +155,7 @@ class CacheLayer(BlockLayer):
         layer._watch_base()
         layer.recorder.load(store)
         await layer._reclaim_leaks()
-        layer._held(await store.held_clusters())
+        layer.quota.add(await store.held_clusters())
         await layer._check_base(store.marked_consistent())
         # The checks above read metadata the first reads may never need: a
         # node holds many caches, most of them idle.
@@ -190,7 +187,7 @@ class CacheLayer(BlockLayer):
             msg = f"{self.name}: the base changed since the cache was filled ({', '.join(changed)})"
             if self.ext.on_stale == cache_ext.ON_STALE_REFUSE:
                 raise StaleBaseError(msg + "; refusing to serve (on_stale=refuse)")
-            log.warning("%s; dropping %d cached clusters", msg, len(self.cached))
+            log.warning("%s; dropping %d cached clusters", msg, len(self.quota))
             await self._drop_all()
             self.counters.resets += 1
         elif not consistent:
@@ -199,7 +196,7 @@ class CacheLayer(BlockLayer):
             await self._revalidate()
         self.ext.identity = current
         self.counters.save_into(self.ext)
-        self.ext.used_bytes = len(self.cached) * self.cs
+        self.ext.used_bytes = self.quota.used_bytes()
         if self.ext.encode() != before:  # an unchanged image is not written at open
             await self._persist_extension()
 
@@ -211,13 +208,13 @@ class CacheLayer(BlockLayer):
         # Zero clusters are never written by a cache: they can only hide base data.
         await self.store.drop_foreign_zeros()
         bad = []
-        for ci in list(self.cached):
+        for ci in list(self.quota.held):
             off = ci * self.cs
             n = min(self.cs, self.size - off)
             if await self.store.read(off, n) != await self.store.read_below(off, n):
                 bad.append(ci)
         log.warning("%s: revalidated %d cached clusters after a foreign writer, dropped %d",
-                    self.name, len(self.cached), len(bad))
+                    self.name, len(self.quota), len(bad))
         if bad:
             await self._evict(bad)
             await self.store.flush()
@@ -226,14 +223,14 @@ class CacheLayer(BlockLayer):
         # Stores in progress see the new generation and stop; what they already
         # wrote is allocated by then, and unmapped here with the rest.
         self._generation += 1
-        self.cached.clear()
+        self.quota.clear()
         # Fetches in flight may bring old bytes: readers from now on must not
         # wait for them (their own readers still get them, and read again).
         self.inflight.clear()
         self.recorder.forget_prefetched()
         if await self.store.unmap_all():
             await self.store.flush()
-        self.cached.clear()
+        self.quota.clear()
 
     # -- BlockLayer -----------------------------------------------------------------
 
@@ -271,12 +268,7 @@ class CacheLayer(BlockLayer):
         counters.hits += 1
         counters.bytes_from_cache += length
         self.recorder.count_hit(offset, length)
-        if self.ext.policy == cache_ext.POLICY_LRU:
-            ci = offset // self.cs
-            if (offset + length - 1) // self.cs != ci:
-                self._touch(offset, length)
-            elif ci in self.cached:
-                self.cached.move_to_end(ci)
+        self.quota.touch(offset, length)
         return data
 
     async def pread(self, offset: int, length: int) -> bytes:
@@ -315,7 +307,6 @@ class CacheLayer(BlockLayer):
                 return data
         store = self.store
         counters = self.counters
-        lru = self.ext.policy == cache_ext.POLICY_LRU
         # While this read looks up and reads held runs, the clusters it found
         # are pinned (not released for reuse). Misses only start their fetches
         # in there: the base is waited for outside, so frees never wait on it.
@@ -329,8 +320,7 @@ class CacheLayer(BlockLayer):
                 counters.bytes_from_cache += length
                 self._dirty_counters = True
                 self.recorder.count_hit(offset, length)
-                if lru:
-                    self._touch(offset, length)
+                self.quota.touch(offset, length)
                 return await store.read_run(runs[0])
             for run in runs:
                 held, guest, n, _ = run
@@ -350,8 +340,7 @@ class CacheLayer(BlockLayer):
             counters.misses += 1
         else:
             counters.hits += 1
-        if lru:
-            self._touch(offset, length)
+        self.quota.touch(offset, length)
         self._dirty_counters = True
         await self._maybe_flush()
         if len(pieces) == 1 and isinstance(pieces[0], bytes):
@@ -413,7 +402,7 @@ class CacheLayer(BlockLayer):
         return where each piece will come from. Never waits."""
         cs = self.cs
         first, last = offset // cs, (offset + length - 1) // cs
-        inflight, cached = self.inflight, self.cached
+        inflight, cached = self.inflight, self.quota.held
         run_start: int | None = None
         fetches = []
         for ci in range(first, last + 2):
@@ -592,28 +581,13 @@ class CacheLayer(BlockLayer):
 
     # -- storing and the quota ---------------------------------------------------------
 
-    def _used(self) -> int:
-        """Clusters held or promised to stores in progress (what the quota counts)."""
-        return len(self.cached) + self._reserved
-
     async def _store(self, start: int, data: bytes, generation: int) -> None:
         if time.monotonic() < self._store_paused_until:
             return
-        cs, ext = self.cs, self.ext
-        count = -(-len(data) // cs)
-        # Decide (evictions, room) and reserve before any await, so that
-        # concurrent stores can never take the cache past its quota together.
-        victims: list[int] = []
-        if ext.policy == cache_ext.POLICY_LRU:
-            high = ext.quota * ext.high_watermark // 100
-            if (self._used() + count) * cs > high:
-                keep = max(ext.quota * ext.low_watermark // 100 // cs - count, 0)
-                excess = self._used() - keep
-                victims = self._oldest(excess)
-                for ci in victims:
-                    del self.cached[ci]
-        count = max(min(count, ext.quota // cs - self._used()), 0)
-        self._reserved += count
+        # Decided (evictions, room) and reserved before any await, so that
+        # concurrent stores can never take the cache past its quota together;
+        # clusters being fetched are never evicted.
+        victims, count = self.quota.plan_store(-(-len(data) // self.cs), self.inflight)
         stored = 0
         try:
             if victims:
@@ -621,7 +595,7 @@ class CacheLayer(BlockLayer):
             if count:
                 stored = await self._store_pieces(start, memoryview(data), count, generation)
         finally:
-            self._reserved -= count - stored  # stored clusters already moved to cached
+            self.quota.unreserve(count - stored)  # stored clusters are held already
 
     async def _store_pieces(self, start: int, view: memoryview, count: int,
                             generation: int) -> int:
@@ -653,33 +627,17 @@ class CacheLayer(BlockLayer):
                 break
             if generation != self._generation:
                 break  # the cache was dropped meanwhile: this piece is being unmapped
-            self._held(range(first, first + n))
-            self._reserved -= n
+            self.quota.stored(range(first, first + n))
             self.counters.clusters_stored += n
             self._dirty_counters = True
             first += n
         return first - start
 
-    def _oldest(self, count: int) -> list[int]:
-        """Up to ``count`` least recently used clusters not being fetched: walks
-        the LRU order only as far as it must, not the whole cache."""
-        out: list[int] = []
-        if count <= 0:
-            return out
-        inflight = self.inflight
-        for ci in self.cached:
-            if ci not in inflight:
-                out.append(ci)
-                if len(out) == count:
-                    break
-        return out
-
     async def _evict(self, victims: list[int]) -> None:
         """Make clusters unallocated again (the caller already forgot them)."""
         if not victims:
             return
-        for ci in victims:
-            self.cached.pop(ci, None)
+        self.quota.forget(victims)
         await self.store.unmap(victims)
         self.counters.evictions += len(victims)
         # Frees (and hole punching) happen at a flush: start one now, in the
@@ -693,18 +651,6 @@ class CacheLayer(BlockLayer):
     async def _flush_if_open(self) -> None:
         if not self.store.closed:
             await self.flush()
-
-    def _held(self, clusters: Iterable[int]) -> None:
-        """Clusters the store now holds: the most recently used."""
-        cached = self.cached
-        for ci in clusters:
-            cached[ci] = None
-
-    def _touch(self, offset: int, length: int) -> None:
-        cached = self.cached
-        for ci in range(offset // self.cs, (offset + length - 1) // self.cs + 1):
-            if ci in cached:
-                cached.move_to_end(ci)
 
     # -- persistence ------------------------------------------------------------------
 
@@ -740,7 +686,7 @@ class CacheLayer(BlockLayer):
         self._last_flush = time.monotonic()
         ext = self.ext
         self.counters.save_into(ext)
-        ext.used_bytes = len(self.cached) * self.cs
+        ext.used_bytes = self.quota.used_bytes()
         try:
             await self.store.save_records({EXT_CACHE: ext.encode()}, self.recorder.take())
         except OSError as e:
@@ -755,8 +701,8 @@ class CacheLayer(BlockLayer):
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters and of the cache's state right now."""
-        self.ext.used_bytes = len(self.cached) * self.cs
-        out = self.counters.snapshot(self.ext, cached_clusters=len(self.cached),
+        self.ext.used_bytes = self.quota.used_bytes()
+        out = self.counters.snapshot(self.ext, cached_clusters=len(self.quota),
                                      cluster_size=self.cs,
                                      fetches_in_flight=len(self.inflight))
         if self.base_version is not None:
@@ -769,15 +715,12 @@ class CacheLayer(BlockLayer):
 
     def holds(self, ci: int) -> bool:
         """Whether a cluster is cached or being fetched."""
-        return ci in self.cached or ci in self.inflight
+        return ci in self.quota.held or ci in self.inflight
 
     def room(self) -> int:
         """Clusters a prefetch may still store: it never evicts, so up to the
         quota (stop) or the high watermark (lru)."""
-        limit = self.ext.quota
-        if self.ext.policy == cache_ext.POLICY_LRU:
-            limit = limit * self.ext.high_watermark // 100
-        return max(limit // self.cs - self._used(), 0)
+        return self.quota.room_without_evicting()
 
     def reads_served(self) -> int:
         """Reads served so far, hits and misses (it moves while guests read)."""
@@ -809,7 +752,7 @@ class CacheLayer(BlockLayer):
             got = min(n * self.cs, self.size - first * self.cs)
             fetched += got
             self.recorder.prefetched_run(
-                got, [ci for ci in range(first, first + n) if ci in self.cached])
+                got, [ci for ci in range(first, first + n) if ci in self.quota.held])
         return fetched
 
 

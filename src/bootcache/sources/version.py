@@ -29,18 +29,33 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import asyncio
-
-    from bootcache.sources.base import ByteSource
 
 log = logging.getLogger("bootcache.version")
 
 #: The read path compares the fingerprint at most this often: under load the
 #: comparison (an fstat for files) would cost more than the read.
 FINGERPRINT_INTERVAL_NS = 200_000
+
+
+class VersionedSource(Protocol):
+    """What the watcher asks of a source (ByteSource implements it)."""
+
+    name: str
+    #: Seconds between version checks while reads go on (None: it cannot check cheaply).
+    version_check_interval: float | None
+
+    def fingerprint(self) -> object:
+        """A cheap value that moves whenever the content's identity does."""
+
+    async def version_changed(self) -> bool:
+        """Ask the server whether the content changed since it was adopted."""
+
+    async def refresh_identity(self) -> dict[str, Any]:
+        """Adopt the content's current version; returns its identity."""
 
 
 class VersionListener(Protocol):
@@ -58,7 +73,7 @@ class BaseVersion:
     """The content version of one source: ``current``, ``subscribe``, and the
     detections that move it."""
 
-    def __init__(self, source: ByteSource) -> None:
+    def __init__(self, source: VersionedSource) -> None:
         self.source = source
         self.name = source.name
         #: Changes adopted since the source was opened.
