@@ -4,11 +4,11 @@ A boot trace is replayed as fast as possible through a fresh cache image
 (``CacheLayer`` directly, no NBD server) whose raw base is a local file or
 an nginx on localhost. The event loop's thread CPU time (``time.thread_time``)
 is counted per phase by wrapping the awaitables the cache layer calls on
-its image (the product itself is not instrumented):
+its cache store (the product itself is not instrumented):
 
-- fetch: ``Qcow2Image.read_below`` (the base source's read, HTTP client included)
-- store: ``Qcow2Image.pwrite`` (data write plus the L2/refcount updates it makes)
-- metadata: ``flush``, ``rewrite_header``, ``unmap_clusters`` (write-back, fsync calls)
+- fetch: ``CacheStore.read_below`` (the base source's read, HTTP client included)
+- store: ``CacheStore.store`` (data write plus the L2/refcount updates it makes)
+- metadata: ``flush``, ``save_records``, ``unmap`` (write-back, fsync calls)
 - bookkeeping: everything else on the loop (the cache layer's split, single
   flight, futures, joins, tasks, the event loop itself)
 
