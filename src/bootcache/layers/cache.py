@@ -153,10 +153,15 @@ class CacheLayer(BlockLayer):
             raise ImageFormatError(f"{store.name}: not a cache image")
         layer = cls(store, ext)
         layer._watch_base()
-        layer.recorder.load(store)
-        await layer._reclaim_leaks()
-        layer.quota.add(await store.held_clusters())
-        await layer._check_base(store.marked_consistent())
+        try:
+            layer.recorder.load(store)
+            await layer._reclaim_leaks()
+            layer.quota.add(await store.held_clusters())
+            await layer._check_base(store.marked_consistent())
+        except BaseException:
+            if layer._unsubscribe is not None:
+                layer._unsubscribe()  # the base may be shared: leave it no listener
+            raise
         # The checks above read metadata the first reads may never need: a
         # node holds many caches, most of them idle.
         store.drop_clean_metadata()
@@ -701,8 +706,8 @@ class CacheLayer(BlockLayer):
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters and of the cache's state right now."""
-        self.ext.used_bytes = self.quota.used_bytes()
-        out = self.counters.snapshot(self.ext, cached_clusters=len(self.quota),
+        out = self.counters.snapshot(self.ext, used_bytes=self.quota.used_bytes(),
+                                     cached_clusters=len(self.quota),
                                      cluster_size=self.cs,
                                      fetches_in_flight=len(self.inflight))
         if self.base_version is not None:

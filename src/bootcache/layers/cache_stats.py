@@ -54,9 +54,9 @@ class CacheStats:
         return self.hits + self.misses
 
     def snapshot(self, ext: CacheExtension, **gauges: Any) -> dict[str, Any]:
-        """Counters, settings and ``gauges`` (the layer's state right now),
-        under the names ``cache stats`` and the metrics use."""
+        """Counters, the quota settings and ``gauges`` (the layer's state right
+        now, used_bytes among them), under the names ``cache stats`` and the
+        metrics use."""
         out: dict[str, Any] = asdict(self)
-        out.update(used_bytes=ext.used_bytes, quota=ext.quota,
-                   policy=POLICY_NAMES[ext.policy], **gauges)
+        out.update(quota=ext.quota, policy=POLICY_NAMES[ext.policy], **gauges)
         return out

@@ -454,6 +454,11 @@ class Qcow2Image(SourceBacked, BlockLayer):
         async with self.lock:
             await self.map.grow(new_size)
 
+    async def rewrite_header(self) -> None:
+        """Rewrite the header cluster from ``self.header`` (extensions kept)."""
+        self._require_writable()
+        await self.headers.rewrite()
+
     async def update_header(self, extensions: dict[int, bytes | None], *,
                             autoclear_set: int = 0,
                             adjust: Callable[[Header], None] | None = None) -> None:
