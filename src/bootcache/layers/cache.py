@@ -259,8 +259,8 @@ class CacheLayer(BlockLayer):
                 or length > NOWAIT_MAX or offset + length > self.store.size):
             return None
         version = self.base_version
-        if version is not None and (version.changing or version.poll()):
-            return None  # the base changed: pread() deals with it
+        if version is not None and version.poll():
+            return None  # the base changed (or is changing): pread() deals with it
         return self._hit_now(offset, length)
 
     def _hit_now(self, offset: int, length: int) -> bytes | None:
@@ -272,8 +272,10 @@ class CacheLayer(BlockLayer):
         counters = self.counters
         counters.hits += 1
         counters.bytes_from_cache += length
-        self.recorder.count_hit(offset, length)
-        self.quota.touch(offset, length)
+        if self.recorder.prefetched:
+            self.recorder.count_hit(offset, length)
+        if self.quota.lru:
+            self.quota.touch(offset, length)
         return data
 
     async def pread(self, offset: int, length: int) -> bytes:
@@ -303,7 +305,7 @@ class CacheLayer(BlockLayer):
             # looks at most every 200 us, and asks a remote base every few
             # seconds in the background).
             observed = version.current
-            if version.poll():
+            if version.poll():  # moved, or a change is being handled: wait for it
                 await self._report_change(version, observed)
         if length <= NOWAIT_MAX:
             # The hot path: a hit on host-contiguous clusters, one pread.

@@ -106,11 +106,14 @@ class BaseVersion:
     # -- detections ----------------------------------------------------------------
 
     def poll(self) -> bool:
-        """The read path's cheap look, no await: True when the fingerprint
-        moved (compared at most every 200 us; report it with :meth:`changed`).
+        """The read path's cheap look, no await: True while a change is being
+        handled, or when the fingerprint moved (compared at most every 200 us;
+        report it with :meth:`changed`).
         Also starts a background check of the version when the source's
         interval has passed: a warm cache never reads the base, so it would
         never meet a new ETag. The clock runs on reads: an idle node asks nothing."""
+        if self._changing is not None:
+            return True
         now = time.monotonic_ns()
         if self._interval_ns and now - self._checked >= self._interval_ns:
             import asyncio  # here: layers that never serve (info, check) skip its import
