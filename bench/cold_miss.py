@@ -4,11 +4,11 @@ A boot trace is replayed as fast as possible through a fresh cache image
 (``CacheLayer`` directly, no NBD server) whose raw base is a local file or
 an nginx on localhost. The event loop's thread CPU time (``time.thread_time``)
 is counted per phase by wrapping the awaitables the cache layer calls on
-its image (the product itself is not instrumented):
+its cache store (the product itself is not instrumented):
 
-- fetch: ``Qcow2Image.read_below`` (the base source's read, HTTP client included)
-- store: ``Qcow2Image.pwrite`` (data write plus the L2/refcount updates it makes)
-- metadata: ``flush``, ``rewrite_header``, ``unmap_clusters`` (write-back, fsync calls)
+- fetch: ``CacheStore.read_below`` (the base source's read, HTTP client included)
+- store: ``CacheStore.store`` (data write plus the L2/refcount updates it makes)
+- metadata: ``flush``, ``save_records``, ``unmap`` (write-back, fsync calls)
 - bookkeeping: everything else on the loop (the cache layer's split, single
   flight, futures, joins, tasks, the event loop itself)
 
@@ -108,13 +108,13 @@ async def replay(cache: Path, requests: list[Any], readers: int,
                  phases: bool) -> dict[str, float]:
     layer = await open_layer(str(cache))
     assert isinstance(layer, CacheLayer)
-    img = layer.img
+    store = layer.store
     meter = Meter()
     if phases:
-        img.read_below = meter.wrap(img.read_below, "fetch")  # type: ignore[method-assign]
-        img.pwrite = meter.wrap(img.pwrite, "store")  # type: ignore[method-assign]
-        for name in ("flush", "rewrite_header", "unmap_clusters"):
-            setattr(img, name, meter.wrap(getattr(img, name), "metadata"))
+        store.read_below = meter.wrap(store.read_below, "fetch")  # type: ignore[method-assign]
+        store.store = meter.wrap(store.store, "store")  # type: ignore[method-assign]
+        for name in ("flush", "save_records", "unmap"):
+            setattr(store, name, meter.wrap(getattr(store, name), "metadata"))
     it = iter(requests)
 
     async def reader() -> None:
@@ -128,7 +128,7 @@ async def replay(cache: Path, requests: list[Any], readers: int,
         await layer.settle()
         await layer.flush()
         t1, p1 = time.thread_time(), time.process_time()
-        fetched = layer.ext.bytes_from_base / layer.cs
+        fetched = layer.counters.bytes_from_base / layer.cs
     finally:
         await layer.close()
     loop_cpu = t1 - t0

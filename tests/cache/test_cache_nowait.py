@@ -30,7 +30,7 @@ def test_large_hits_without_waiting(tmp_path: Path) -> None:
                 assert_bytes(await layer.pread(off, MiB), base[off:off + MiB], f"fill {off}")
             await layer.settle()
             await layer.pread(0, 4096)  # makes the due fingerprint check
-            misses = layer.ext.misses
+            misses = layer.counters.misses
             served = 0
             for _ in range(200):
                 length = rng.choice([128 << 10, 1 * MiB, 2 * MiB, rng.randrange(1, 2 * MiB)])
@@ -42,7 +42,7 @@ def test_large_hits_without_waiting(tmp_path: Path) -> None:
                     served += 1
                 assert_bytes(got, base[offset:offset + length], f"{offset}+{length}")
             assert served > 100
-            assert layer.ext.misses == misses
+            assert layer.counters.misses == misses
             assert layer.pread_nowait(8 * MiB - 4096, 8192) is None  # runs into a miss
         finally:
             await layer.close()

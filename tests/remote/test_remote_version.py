@@ -108,9 +108,11 @@ def test_racing_detections_reset_once(remote: Remote, tmp_path: Path, fmt: str) 
             assert await layer.pread(0, half) == old[:half]
             await layer.settle()
             remote.replace("disk.img", base_image(tmp_path / "new", new, fmt))
+            version = layer.base_version
+            assert version is not None
             step = 64 << 10
             await asyncio.gather(
-                *(layer._check_version() for _ in range(3)),
+                *(version.check() for _ in range(3)),
                 *(read(off, step) for off in range(half, SIZE, step)),
                 *(read(off, step) for off in range(0, half, step)),
             )

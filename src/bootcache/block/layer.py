@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootcache.errors import ReadOnlyError
 from bootcache.sources.base import ByteSource
+
+if TYPE_CHECKING:
+    from bootcache.sources.version import BaseVersion
 
 #: The largest read :meth:`BlockLayer.pread_nowait` serves: a local read of
 #: this size takes a fraction of a millisecond; larger ones would stall the loop.
@@ -44,6 +47,10 @@ class BlockLayer(ABC):
     #: Written only by its own copy-on-read path (a cache), never by clients,
     #: so any number of users may share it whatever access they asked for.
     self_writing: bool = False
+    #: Serves its source's new content once the source adopted it (raw);
+    #: False when it keeps what it parsed of the old one (qcow2 metadata), so
+    #: whoever reads it must open it again after a change.
+    follows_new_versions: bool = True
 
     @property
     @abstractmethod
@@ -98,19 +105,9 @@ class BlockLayer(ABC):
     async def settle(self) -> None:
         """Wait for background work started by earlier calls (cache stores)."""
 
-    def version_check_interval(self) -> float | None:
-        """Seconds between version checks while serving from a cache (None: none)."""
-        return None
-
-    async def version_changed(self) -> bool:
-        """True when the storage now holds another version than when opened."""
-        return False
-
-    async def refresh_identity(self) -> None:
-        """Adopt the storage's current version after it changed."""
-
-    def fingerprint(self) -> object:
-        """A cheap value that changes whenever the storage's identity does."""
+    def source_version(self) -> BaseVersion | None:
+        """The watcher of the content version of the source this layer's bytes
+        come from (sources/version.py), None for a layer that has none."""
         return None
 
     def lower(self) -> list[BlockLayer]:
@@ -149,14 +146,8 @@ class SourceBacked:
     def identity(self) -> dict[str, Any]:
         return self.source.identity()
 
-    def version_check_interval(self) -> float | None:
-        return self.source.version_check_interval
-
-    async def version_changed(self) -> bool:
-        return await self.source.version_changed()
-
-    def fingerprint(self) -> object:
-        return self.source.fingerprint()
+    def source_version(self) -> BaseVersion:
+        return self.source.version
 
     def metrics(self) -> dict[str, Any]:
         stats = getattr(self.source, "stats", None)  # remote sources count requests

@@ -17,18 +17,22 @@ import errno
 import hashlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bootcache.block.graph import NodeRef
 from bootcache.block.layer import NOWAIT_MAX, BlockLayer, Extent, chain_of
+from bootcache.block.store import CacheStore
 from bootcache.errors import BootcacheError, ImageCorruptError, ImageFormatError, StaleBaseError
-from bootcache.layers.cache_profile import CacheProfileMixin
+from bootcache.layers.cache_profile import ProfileRecorder
+from bootcache.layers.cache_quota import CacheQuota
+from bootcache.layers.cache_stats import CacheStats
 from bootcache.qcow2 import cache_ext, profile_ext
 from bootcache.qcow2.cache_ext import CacheExtension
-from bootcache.qcow2.format import AUTOCLEAR_CACHE, EXT_CACHE
-from bootcache.qcow2.image import DATA, UNALLOC, Qcow2Image
+from bootcache.qcow2.cache_store import Qcow2CacheStore
+from bootcache.qcow2.format import EXT_CACHE
+from bootcache.qcow2.image import Qcow2Image
+from bootcache.sources.version import BaseVersion
 
 log = logging.getLogger("bootcache.cache")
 
@@ -37,13 +41,17 @@ _SAMPLE_BYTES = 4096
 _FLUSH_INTERVAL = 1.0
 _ENOSPC_RETRY = 5.0
 _STORE_PIECE = 1 << 20
-_FINGERPRINT_INTERVAL_NS = 200_000
 
 
 def read_extension(img: Qcow2Image) -> CacheExtension | None:
     """The cache extension of an image, or None for an ordinary qcow2."""
     ext = img.header.find_extension(EXT_CACHE)
     return CacheExtension.decode(ext.data) if ext else None
+
+
+def _extension_of(store: CacheStore) -> CacheExtension | None:
+    data = store.record(EXT_CACHE)
+    return CacheExtension.decode(data) if data is not None else None
 
 
 async def base_identity(base: BlockLayer) -> dict[str, Any]:
@@ -75,83 +83,88 @@ class _Fetch:
 _Segment = tuple[_Fetch | None, int, int]
 
 
-class CacheLayer(CacheProfileMixin, BlockLayer):
-    """A read-only view of a base, filling a cache image on the way."""
+class CacheLayer(BlockLayer):
+    """A read-only view of a base, filling a cache store on the way.
+
+    It keeps single flight and policy (quota and recency, what a changed base
+    means); the store (block/store.py) keeps the clusters and the records.
+    """
 
     self_writing = True
 
-    def __init__(self, img: Qcow2Image, ext: CacheExtension) -> None:
-        if img.backing is None:
-            raise ImageFormatError(f"{img.name}: a cache image needs its base (backing file)")
-        self.img = img
+    def __init__(self, store: CacheStore, ext: CacheExtension) -> None:
+        self.store = store
         self.ext = ext
-        self.name = img.name
-        self.cs = img.cs
-        #: Cached guest clusters, least recently used first.
-        self.cached: OrderedDict[int, None] = OrderedDict()
+        self.name = store.name
+        self.cs = store.cluster_size
+        #: Counters, read by the daemon through metrics().
+        self.counters = CacheStats.from_extension(ext)
+        #: Held clusters in recency order, reservations, the quota's decisions.
+        self.quota = CacheQuota(ext, self.cs)
         #: Clusters being fetched from the base, each to the fetch bringing it.
         self.inflight: dict[int, _Fetch] = {}
+        self.recorder = ProfileRecorder(self.name, self.cs, self.counters)
+        #: Called (awaited) first when the cache closes: a prefetch stops there.
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
+        self._prefetch_inflight = 0
         self._dirty_counters = False
         self._last_flush = time.monotonic()
         self._store_paused_until = 0.0
-        #: Clusters promised to stores in progress.
-        self._reserved = 0
-        self._base_fp: object = None
-        self._fp_checked = 0
-        interval = self.base.version_check_interval()
-        self._version_interval_ns = int(interval * 1e9) if interval else 0
-        self._version_checked = time.monotonic_ns()
-        #: Reopens the base when it changed in a way it cannot adopt (qcow2).
+        #: The version of the base's source, watched (None: a base that has none).
+        self.base_version: BaseVersion | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        #: Reopens the base when it changed in a way it cannot follow (qcow2).
         self.reopen_base: Callable[[], Coroutine[Any, Any, NodeRef]] | None = None
         #: Clusters fetched beyond a miss, in the same request (0: none).
         self.readahead = 0
         #: Bumped when a reset of the cache begins and again when it ends: fetches
-        #: from before must not be stored, and a base change observed before must
-        #: not reset the cache a second time (see _base_changed).
+        #: from before must not be stored, reads that overlapped it read again.
         self._generation = 0
-        #: Set while a reset runs: readers wait for it instead of detecting the
-        #: same change again.
+        #: Set while a reset runs: readers wait for it.
         self._resetting: asyncio.Future[None] | None = None
         #: Why this cache refuses to serve (on_stale=refuse), once it does.
         self._refusal: str | None = None
-        #: Background work (stores, flushes, version checks) that failed.
-        self.background_errors = 0
-        #: Times the disk had no room for a store or flush (reads went on from
-        #: the base; caching resumed after a pause).
-        self.no_space = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        # A synchronous read of the cache file, when it is a local file.
-        self._pread_now: Callable[[int, int], bytes] | None = getattr(
-            img.source, "pread_now", None)
         self._flush_task: asyncio.Task[None] | None = None
-        self._init_profile()
         self._evict_flush: asyncio.Task[None] | None = None
 
     @property
     def base(self) -> BlockLayer:
         """The layer the cache copies from (its image's backing file)."""
-        base = self.img.backing
-        assert base is not None
-        return base
+        return self.store.base
+
+    @property
+    def profile(self) -> profile_ext.Profile | None:
+        """The boot profile (None: the image's cannot be used)."""
+        return self.recorder.profile
 
     # -- opening -------------------------------------------------------------------
 
     @classmethod
     async def open(cls, img: Qcow2Image) -> CacheLayer:
         """Wrap an image opened writable (keeping the cache autoclear bit)."""
-        ext = read_extension(img)
+        return await cls.over(Qcow2CacheStore(img))
+
+    @classmethod
+    async def over(cls, store: CacheStore) -> CacheLayer:
+        """A cache over a store whose records include the cache extension."""
+        ext = _extension_of(store)
         if ext is None:
-            raise ImageFormatError(f"{img.name}: not a cache image")
-        layer = cls(img, ext)
-        layer._load_profile()
-        await layer._reclaim_leaks()
-        for ci in await img.allocated_clusters():
-            layer.cached[ci] = None
-        consistent = bool(img.header.autoclear_features & AUTOCLEAR_CACHE)
-        await layer._check_base(consistent)
+            raise ImageFormatError(f"{store.name}: not a cache image")
+        layer = cls(store, ext)
+        layer._watch_base()
+        try:
+            layer.recorder.load(store)
+            await layer._reclaim_leaks()
+            layer.quota.add(await store.held_clusters())
+            await layer._check_base(store.marked_consistent())
+        except BaseException:
+            if layer._unsubscribe is not None:
+                layer._unsubscribe()  # the base may be shared: leave it no listener
+            raise
         # The checks above read metadata the first reads may never need: a
         # node holds many caches, most of them idle.
-        img.drop_clean_metadata()
+        store.drop_clean_metadata()
         return layer
 
     async def _reclaim_leaks(self) -> None:
@@ -161,14 +174,12 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         data); a cache is long-lived and refilled after every crash, so the
         owner repairs them at open rather than letting them pile up.
         """
-        from bootcache.qcow2.check import check_image
-
-        result = await check_image(self.img, repair="leaks")
-        if result.leaks_fixed:
-            log.warning("%s: reclaimed %d leaked clusters", self.name, result.leaks_fixed)
-        if result.corruptions:
+        fixed, corruptions = await self.store.repair_leaks()
+        if fixed:
+            log.warning("%s: reclaimed %d leaked clusters", self.name, fixed)
+        if corruptions:
             raise ImageCorruptError(
-                f"{self.name}: {result.corruptions} corruptions; run bootcache check -r all")
+                f"{self.name}: {corruptions} corruptions; run bootcache check -r all")
 
     async def _check_base(self, consistent: bool) -> None:
         """Refuse or reset on a changed base; revalidate after a foreign writer."""
@@ -181,17 +192,16 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             msg = f"{self.name}: the base changed since the cache was filled ({', '.join(changed)})"
             if self.ext.on_stale == cache_ext.ON_STALE_REFUSE:
                 raise StaleBaseError(msg + "; refusing to serve (on_stale=refuse)")
-            log.warning("%s; dropping %d cached clusters", msg, len(self.cached))
+            log.warning("%s; dropping %d cached clusters", msg, len(self.quota))
             await self._drop_all()
-            self.ext.resets += 1
+            self.counters.resets += 1
         elif not consistent:
             # A writer that does not know the extension opened the image (it
             # cleared our autoclear bit): every cached cluster must be proven.
             await self._revalidate()
         self.ext.identity = current
-        self._base_fp = self.base.fingerprint()
-        self.ext.used_bytes = len(self.cached) * self.cs
-        self.img.header.autoclear_features |= AUTOCLEAR_CACHE
+        self.counters.save_into(self.ext)
+        self.ext.used_bytes = self.quota.used_bytes()
         if self.ext.encode() != before:  # an unchanged image is not written at open
             await self._persist_extension()
 
@@ -201,46 +211,44 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
 
     async def _revalidate(self) -> None:
         # Zero clusters are never written by a cache: they can only hide base data.
-        zeros = await self.img.allocated_clusters(zero=True)
-        if zeros:
-            await self.img.unmap_clusters(zeros)
+        await self.store.drop_foreign_zeros()
         bad = []
-        for ci in list(self.cached):
+        for ci in list(self.quota.held):
             off = ci * self.cs
             n = min(self.cs, self.size - off)
-            if await self.img.pread(off, n) != await self.img.read_below(off, n):
+            if await self.store.read(off, n) != await self.store.read_below(off, n):
                 bad.append(ci)
         log.warning("%s: revalidated %d cached clusters after a foreign writer, dropped %d",
-                    self.name, len(self.cached), len(bad))
+                    self.name, len(self.quota), len(bad))
         if bad:
             await self._evict(bad)
-            await self.img.flush()
+            await self.store.flush()
 
     async def _drop_all(self) -> None:
         # Stores in progress see the new generation and stop; what they already
         # wrote is allocated by then, and unmapped here with the rest.
         self._generation += 1
-        self.cached.clear()
+        self.quota.clear()
         # Fetches in flight may bring old bytes: readers from now on must not
         # wait for them (their own readers still get them, and read again).
         self.inflight.clear()
-        self.prefetched.clear()  # hits on refetched clusters are not prefetch hits
-        if await self.img.unmap_all():
-            await self.img.flush()
-        self.cached.clear()
+        self.recorder.forget_prefetched()
+        if await self.store.unmap_all():
+            await self.store.flush()
+        self.quota.clear()
 
     # -- BlockLayer -----------------------------------------------------------------
 
     @property
     def size(self) -> int:
-        return self.img.size
+        return self.store.size
 
     @property
     def read_only(self) -> bool:
         return True
 
     def identity(self) -> dict[str, Any]:
-        return self.img.identity()
+        return self.store.identity()
 
     def content_version(self) -> int:
         # Bumped when a reset starts and when it ends.
@@ -248,41 +256,30 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
 
     def pread_nowait(self, offset: int, length: int) -> bytes | None:
         if (self._resetting is not None or self._refusal is not None or offset < 0
-                or length > NOWAIT_MAX or offset + length > self.img.size):
+                or length > NOWAIT_MAX or offset + length > self.store.size):
             return None
-        now = time.monotonic_ns()
-        if self._version_interval_ns and now - self._version_checked >= self._version_interval_ns:
-            self._version_checked = now
-            self._background(self._check_version(), "version check")
-        if now - self._fp_checked >= _FINGERPRINT_INTERVAL_NS:
-            if self.base.fingerprint() != self._base_fp:
-                return None  # the base changed: pread() deals with it
-            self._fp_checked = now
+        version = self.base_version
+        if version is not None and version.poll():
+            return None  # the base changed (or is changing): pread() deals with it
         return self._hit_now(offset, length)
 
     def _hit_now(self, offset: int, length: int) -> bytes | None:
         """A hit on host-contiguous cached clusters, looked up and read without
         yielding (so no release can intervene between lookup and read)."""
-        if self._pread_now is None:
+        data = self.store.read_held_nowait(offset, length)
+        if data is None:
             return None
-        host = self.img.data_host(offset, length)
-        if host < 0:
-            return None
-        ext = self.ext
-        ext.hits += 1
-        ext.bytes_from_cache += length
-        if self.prefetched:
-            self._count_prefetch_hit(offset, length)
-        if ext.policy == cache_ext.POLICY_LRU:
-            ci = offset // self.cs
-            if (offset + length - 1) // self.cs != ci:
-                self._touch(offset, length)
-            elif ci in self.cached:
-                self.cached.move_to_end(ci)
-        return self._pread_now(host, length)
+        counters = self.counters
+        counters.hits += 1
+        counters.bytes_from_cache += length
+        if self.recorder.prefetched:
+            self.recorder.count_hit(offset, length)
+        if self.quota.lru:
+            self.quota.touch(offset, length)
+        return data
 
     async def pread(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self.img.size:
+        if offset < 0 or length < 0 or offset + length > self.store.size:
             self.check_range(offset, length)
         while True:
             generation = self._generation
@@ -301,52 +298,45 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             # A fresh exception each time: re-raising one object would chain
             # every reader's traceback onto it for as long as clients retry.
             raise StaleBaseError(self._refusal)
-        now = time.monotonic_ns()
-        if self._version_interval_ns and now - self._version_checked >= self._version_interval_ns:
-            # Remote bases (HTTP ETag, S3): ask in the background every few
-            # seconds, since a warm cache never fetches and so never sees a change.
-            self._version_checked = now
-            self._background(self._check_version(), "version check")
-        if now - self._fp_checked >= _FINGERPRINT_INTERVAL_NS:
-            # Checked on reads, hits included (a warm cache never misses, and
-            # must still not serve bytes of a base that changed), but at most
-            # every 200 us: under load the check would cost more than the read.
-            self._fp_checked = now
-            generation = self._generation
-            if self.base.fingerprint() != self._base_fp:
-                await self._base_changed(generation)
+        version = self.base_version
+        if version is not None:
+            # Checked on reads, hits included: a warm cache never misses, and
+            # must still not serve bytes of a base that changed (the watcher
+            # looks at most every 200 us, and asks a remote base every few
+            # seconds in the background).
+            observed = version.current
+            if version.poll():  # moved, or a change is being handled: wait for it
+                await self._report_change(version, observed)
         if length <= NOWAIT_MAX:
             # The hot path: a hit on host-contiguous clusters, one pread.
             data = self._hit_now(offset, length)
             if data is not None:
                 return data
-        img = self.img
-        # While this read maps and reads cached runs, the clusters it mapped are
-        # not released for reuse. Misses only start their fetches in there: the
-        # base is waited for outside, so frees never wait on a remote base.
+        store = self.store
+        counters = self.counters
+        # While this read looks up and reads held runs, the clusters it found
+        # are pinned (not released for reuse). Misses only start their fetches
+        # in there: the base is waited for outside, so frees never wait on it.
         parts: list[bytes | list[_Segment]] = []
         missed = False
-        with img.reading():
-            runs = await img.map_range(offset, length)
-            ext = self.ext
-            if len(runs) == 1 and runs[0][0] == DATA:
+        with store.pinned():
+            runs = await store.lookup(offset, length)
+            if len(runs) == 1 and runs[0][0]:
                 # Fast path: a pure hit.
-                ext.hits += 1
-                ext.bytes_from_cache += length
+                counters.hits += 1
+                counters.bytes_from_cache += length
                 self._dirty_counters = True
-                if self.prefetched:
-                    self._count_prefetch_hit(offset, length)
-                if ext.policy == cache_ext.POLICY_LRU:
-                    self._touch(offset, length)
-                return await img.source.pread(runs[0][3], length)
+                self.recorder.count_hit(offset, length)
+                self.quota.touch(offset, length)
+                return await store.read_run(runs[0])
             for run in runs:
-                kind, guest, n, _ = run
-                if kind == UNALLOC:
+                held, guest, n, _ = run
+                if not held:
                     missed = True
                     parts.append(self._start_miss(guest, n))
                 else:
-                    ext.bytes_from_cache += n
-                    parts.append(await img._read_run(run))
+                    counters.bytes_from_cache += n
+                    parts.append(await store.read_run(run))
         pieces: list[bytes | memoryview] = []
         for part in parts:
             if isinstance(part, list):
@@ -354,11 +344,10 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             else:
                 pieces.append(part)
         if missed:
-            ext.misses += 1
+            counters.misses += 1
         else:
-            ext.hits += 1
-        if ext.policy == cache_ext.POLICY_LRU:
-            self._touch(offset, length)
+            counters.hits += 1
+        self.quota.touch(offset, length)
         self._dirty_counters = True
         await self._maybe_flush()
         if len(pieces) == 1 and isinstance(pieces[0], bytes):
@@ -367,6 +356,8 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         return b"".join(pieces)
 
     async def settle(self) -> None:
+        if self.base_version is not None:
+            await self.base_version.settle()  # a version check may reset the cache
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -374,18 +365,18 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         await self.pread(offset, length)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        return await self.img.block_status(offset, length)
+        return await self.store.block_status(offset, length)
 
     async def flush(self) -> None:
         try:
-            await self.img.flush()
+            await self.store.flush()
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             # What is on disk stays consistent; unflushed stores are retried later
             # or lost (leaked clusters), never wrong.
             self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
-            self.no_space += 1
+            self.counters.no_space += 1
             log.warning("%s: no space to flush the cache (%s)", self.name, e)
             return
         await self._persist_extension()
@@ -396,13 +387,15 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
                 await hook()  # a prefetch stops before the stores settle
             # Let stores in progress land (they are part of what close persists).
             await self.settle()
+            if self._unsubscribe is not None:
+                self._unsubscribe()
             if self._flush_task is not None:
                 self._flush_task.cancel()
-            if not self.img.closed:
+            if not self.store.closed:
                 await self.flush()
         finally:
             try:
-                await self.img.close()
+                await self.store.close()
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -416,7 +409,7 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         return where each piece will come from. Never waits."""
         cs = self.cs
         first, last = offset // cs, (offset + length - 1) // cs
-        inflight, cached = self.inflight, self.cached
+        inflight, cached = self.inflight, self.quota.held
         run_start: int | None = None
         fetches = []
         for ci in range(first, last + 2):
@@ -463,7 +456,7 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         cs = self.cs
         for fetch, lo, hi in segments:
             if fetch is None:
-                out.append(await self.img.pread(lo, hi - lo))
+                out.append(await self.store.read(lo, hi - lo))
                 continue
             data = await fetch.future
             base = fetch.start * cs
@@ -490,24 +483,29 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         fut = fetch.future
         try:
             generation = self._generation
-            if self.base.fingerprint() != self._base_fp:
-                await self._base_changed(generation)
-                generation = self._generation
+            version = self.base_version
+            observed = version.current if version is not None else 0
+            if version is not None and version.moved():
+                await self._report_change(version, observed)
+                generation, version = self._generation, self.base_version
+                observed = version.current if version is not None else 0
             try:
-                data = await self.img.read_below(off, n)
+                data = await self.store.read_below(off, n)
             except StaleBaseError:
+                if version is None:
+                    raise
                 # The source saw a new version (ETag) in the middle of reading.
-                await self._base_changed(generation)
+                await self._report_change(version, observed)
                 generation = self._generation
-                data = await self.img.read_below(off, n)
+                data = await self.store.read_below(off, n)
         except BaseException as e:
             if not fut.done():
                 fut.set_exception(e)
                 fut.exception()  # waiters re-raise it; don't log it as unretrieved
             self._forget(fetch, count)
             raise
-        self.ext.bytes_from_base += n
-        self._record_profile(start, count)
+        self.counters.bytes_from_base += n
+        self.recorder.record(start, count, self.ext.quota // cs)
         fut.set_result(data)
         try:
             if generation == self._generation:
@@ -522,57 +520,67 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             if inflight.get(ci) is fetch:
                 del inflight[ci]
 
-    async def _check_version(self) -> None:
-        generation = self._generation
-        if await self.base.version_changed():
-            await self._base_changed(generation)
+    # -- a changing base (sources/version.py) ----------------------------------------
 
-    async def _base_changed(self, observed: int) -> None:
-        """The base changed while serving: refuse, or drop everything once.
+    def _watch_base(self) -> None:
+        """Hear of changes of the base's source from now on (and no longer of
+        the one read before, if the base was reopened)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self.base_version = self.base.source_version()
+        self._unsubscribe = (self.base_version.subscribe(self)
+                             if self.base_version is not None else None)
 
-        ``observed`` is the generation current when the caller began looking
-        at the base (a version check, a fetch, a fingerprint). Several
-        detectors may see one change at about the same time; the first resets
-        the cache and adopts the base's newest version, and every detection
-        that began before that reset ended is covered by it. So one change of
-        the base gives exactly one reset, whatever noticed it.
-        """
-        while self._resetting is not None:
-            await asyncio.shield(self._resetting)
-        if self._generation != observed:
-            return  # a reset that began after this observation adopted the change
-        if self.ext.on_stale == cache_ext.ON_STALE_REFUSE:
-            if self._refusal is None:
-                self._refusal = (f"{self.name}: the base changed while serving; "
-                                 "refusing (on_stale=refuse)")
-                log.error("%s", self._refusal)
+    async def _report_change(self, version: BaseVersion, observed: int) -> None:
+        """A detector saw the base change since ``observed``: the watcher
+        handles it once for every layer over the source (this one included);
+        then a refusing cache refuses."""
+        await version.changed(observed)
+        if self._refusal is not None:
             raise StaleBaseError(self._refusal)
-        self._resetting = asyncio.get_running_loop().create_future()
-        try:
-            await self._reset_to_new_base()
-        finally:
-            self._generation += 1  # detections made during the reset are covered too
-            self._resetting.set_result(None)
-            self._resetting = None
 
-    async def _reset_to_new_base(self) -> None:
+    async def base_stale(self, version: BaseVersion) -> None:
+        """The base changed: refuse from now on, or drop everything (readers
+        wait until the base is adopted)."""
+        if self._refusal is not None or self._resetting is not None:
+            return
+        if self.ext.on_stale == cache_ext.ON_STALE_REFUSE:
+            self._refusal = (f"{self.name}: the base changed while serving; "
+                             "refusing (on_stale=refuse)")
+            log.error("%s", self._refusal)
+            return
         log.warning("%s: the base changed while serving; dropping the cache", self.name)
+        self._resetting = asyncio.get_running_loop().create_future()
         await self._drop_all()
-        self.ext.resets += 1
+        self.counters.resets += 1
+
+    async def base_adopted(self, version: BaseVersion) -> None:
+        """The base's source serves its new version: follow it, record its
+        identity, and let readers go on."""
+        resetting = self._resetting
+        if resetting is None:
+            return  # refusing
         try:
-            await self.base.refresh_identity()
-        except StaleBaseError:
-            if self.reopen_base is None:
-                raise
-            # A qcow2 base cannot adopt a new version in place: open it again.
-            old = self.img.attach_backing(await self.reopen_base())
-            if old is not None:
-                # Fetches started before may still be reading the old base.
-                earlier = [t for t in self._tasks if t is not asyncio.current_task()]
-                self._background(self._release_after(old, earlier), "release of the old base")
-        self._base_fp = self.base.fingerprint()
-        self.ext.identity = await self.base_identity()
-        await self._persist_extension()
+            if not self.base.follows_new_versions:
+                await self._reopen_base()
+            self.ext.identity = await self.base_identity()
+            await self._persist_extension()
+        finally:
+            self._generation += 1  # reads that overlapped the reset read again
+            self._resetting = None
+            resetting.set_result(None)
+
+    async def _reopen_base(self) -> None:
+        # A qcow2 base keeps what it parsed of the old version: open it again.
+        if self.reopen_base is None:
+            self._refusal = f"{self.name}: the base changed and cannot be reopened"
+            raise StaleBaseError(self._refusal)
+        old = self.store.swap_base(await self.reopen_base())
+        self._watch_base()
+        if old is not None:
+            # Fetches started before may still be reading the old base.
+            earlier = [t for t in self._tasks if t is not asyncio.current_task()]
+            self._background(self._release_after(old, earlier), "release of the old base")
 
     async def _release_after(self, ref: NodeRef, tasks: list[asyncio.Task[None]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -580,28 +588,13 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
 
     # -- storing and the quota ---------------------------------------------------------
 
-    def _used(self) -> int:
-        """Clusters held or promised to stores in progress (what the quota counts)."""
-        return len(self.cached) + self._reserved
-
     async def _store(self, start: int, data: bytes, generation: int) -> None:
         if time.monotonic() < self._store_paused_until:
             return
-        cs, ext = self.cs, self.ext
-        count = -(-len(data) // cs)
-        # Decide (evictions, room) and reserve before any await, so that
-        # concurrent stores can never take the cache past its quota together.
-        victims: list[int] = []
-        if ext.policy == cache_ext.POLICY_LRU:
-            high = ext.quota * ext.high_watermark // 100
-            if (self._used() + count) * cs > high:
-                keep = max(ext.quota * ext.low_watermark // 100 // cs - count, 0)
-                excess = self._used() - keep
-                victims = self._oldest(excess)
-                for ci in victims:
-                    del self.cached[ci]
-        count = max(min(count, ext.quota // cs - self._used()), 0)
-        self._reserved += count
+        # Decided (evictions, room) and reserved before any await, so that
+        # concurrent stores can never take the cache past its quota together;
+        # clusters being fetched are never evicted.
+        victims, count = self.quota.plan_store(-(-len(data) // self.cs), self.inflight)
         stored = 0
         try:
             if victims:
@@ -609,14 +602,14 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             if count:
                 stored = await self._store_pieces(start, memoryview(data), count, generation)
         finally:
-            self._reserved -= count - stored  # stored clusters already moved to cached
+            self.quota.unreserve(count - stored)  # stored clusters are held already
 
     async def _store_pieces(self, start: int, view: memoryview, count: int,
                             generation: int) -> int:
         """Write ``count`` clusters in pieces, so that a disk filling up keeps
         what fitted; when a piece does not fit, go on cluster by cluster.
         Returns how many were stored."""
-        cs, ext = self.cs, self.ext
+        cs = self.cs
         step = max(_STORE_PIECE // cs, 1)
         first = start
         while first < start + count:
@@ -626,8 +619,7 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
                 break
             n = min(step, start + count - first)
             try:
-                await self.img.pwrite(first * cs, view[(first - start) * cs:
-                                                       (first - start + n) * cs])
+                await self.store.store(first, view[(first - start) * cs:(first - start + n) * cs])
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -636,44 +628,25 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
                     continue
                 # The read still succeeds from the base; try caching again later.
                 self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
-                self.no_space += 1
+                self.counters.no_space += 1
                 log.warning("%s: no space to cache (%s); serving from the base, caching "
                             "again in %.0f s", self.name, e, _ENOSPC_RETRY)
                 break
             if generation != self._generation:
                 break  # the cache was dropped meanwhile: this piece is being unmapped
-            for ci in range(first, first + n):
-                self.cached[ci] = None
-            self._reserved -= n
-            ext.clusters_stored += n
-            ext.used_bytes = len(self.cached) * cs
+            self.quota.stored(range(first, first + n))
+            self.counters.clusters_stored += n
             self._dirty_counters = True
             first += n
         return first - start
-
-    def _oldest(self, count: int) -> list[int]:
-        """Up to ``count`` least recently used clusters not being fetched: walks
-        the LRU order only as far as it must, not the whole cache."""
-        out: list[int] = []
-        if count <= 0:
-            return out
-        inflight = self.inflight
-        for ci in self.cached:
-            if ci not in inflight:
-                out.append(ci)
-                if len(out) == count:
-                    break
-        return out
 
     async def _evict(self, victims: list[int]) -> None:
         """Make clusters unallocated again (the caller already forgot them)."""
         if not victims:
             return
-        for ci in victims:
-            self.cached.pop(ci, None)
-        await self.img.unmap_clusters(victims)
-        self.ext.evictions += len(victims)
-        self.ext.used_bytes = len(self.cached) * self.cs
+        self.quota.forget(victims)
+        await self.store.unmap(victims)
+        self.counters.evictions += len(victims)
         # Frees (and hole punching) happen at a flush: start one now, in the
         # background, so the store that evicted does not wait on its syncs.
         if self._evict_flush is None or self._evict_flush.done():
@@ -683,14 +656,8 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             self._evict_flush.add_done_callback(self._task_done)
 
     async def _flush_if_open(self) -> None:
-        if not self.img.closed:
+        if not self.store.closed:
             await self.flush()
-
-    def _touch(self, offset: int, length: int) -> None:
-        cached = self.cached
-        for ci in range(offset // self.cs, (offset + length - 1) // self.cs + 1):
-            if ci in cached:
-                cached.move_to_end(ci)
 
     # -- persistence ------------------------------------------------------------------
 
@@ -705,7 +672,7 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
             # Readers of a failed fetch got the error through their futures;
             # the operator sees it here (a store, flush or version check that
             # failed would otherwise go unnoticed).
-            self.background_errors += 1
+            self.counters.background_errors += 1
             log.warning("%s: background %s failed: %s", self.name, task.get_name(),
                         task.exception())
 
@@ -718,18 +685,17 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(max(self._last_flush + _FLUSH_INTERVAL - time.monotonic(), 0))
-        if not self.img.closed:
+        if not self.store.closed:
             await self.flush()
 
     async def _persist_extension(self) -> None:
         """Write the extension (counters, identity) and the consistency bit."""
         self._last_flush = time.monotonic()
-        self.img.header.set_extension(EXT_CACHE, self.ext.encode())
-        if self._profile_dirty and self.profile is not None:
-            profile_ext.store_profile(self.img.header, self.profile)
-            self._profile_dirty = False
+        ext = self.ext
+        self.counters.save_into(ext)
+        ext.used_bytes = self.quota.used_bytes()
         try:
-            await self.img.rewrite_header()
+            await self.store.save_records({EXT_CACHE: ext.encode()}, self.recorder.take())
         except OSError as e:
             log.warning("%s: could not save cache counters: %s", self.name, e)
         self._dirty_counters = False
@@ -741,14 +707,60 @@ class CacheLayer(CacheProfileMixin, BlockLayer):
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.ext.counters())
-        out.update(quota=self.ext.quota, policy=cache_ext.POLICY_NAMES[self.ext.policy],
-                   cached_clusters=len(self.cached), cluster_size=self.cs,
-                   background_errors=self.background_errors, no_space=self.no_space,
-                   fetches_in_flight=len(self.inflight), prefetched_bytes=self.prefetched_bytes,
-                   prefetch_hits=self.prefetch_hits)
+        """A snapshot of the counters and of the cache's state right now."""
+        out = self.counters.snapshot(self.ext, used_bytes=self.quota.used_bytes(),
+                                     cached_clusters=len(self.quota),
+                                     cluster_size=self.cs,
+                                     fetches_in_flight=len(self.inflight))
+        if self.base_version is not None:
+            # A version check of the base that failed is background work too.
+            out["background_errors"] += self.base_version.failed_checks
         out.update(self.base.metrics())  # the base's source counters, if remote
         return out
+
+    # -- what a prefetcher may ask and do (cache_profile.PrefetchTarget) -------------
+
+    def holds(self, ci: int) -> bool:
+        """Whether a cluster is cached or being fetched."""
+        return ci in self.quota.held or ci in self.inflight
+
+    def room(self) -> int:
+        """Clusters a prefetch may still store: it never evicts, so up to the
+        quota (stop) or the high watermark (lru)."""
+        return self.quota.room_without_evicting()
+
+    def reads_served(self) -> int:
+        """Reads served so far, hits and misses (it moves while guests read)."""
+        return self.counters.reads()
+
+    def demand_in_flight(self) -> int:
+        """Clusters being fetched for readers (not for a prefetch)."""
+        return len(self.inflight) - self._prefetch_inflight
+
+    async def fill(self, start: int, count: int) -> int:
+        """Fetch and store clusters [start, start + count) that are neither
+        cached nor in flight, as a demand miss would; returns the bytes fetched.
+        A reader asking for one of them meanwhile waits for this fetch."""
+        runs: list[tuple[int, int]] = []
+        for ci in range(start, start + count):
+            if self.holds(ci):
+                continue
+            if runs and sum(runs[-1]) == ci:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((ci, 1))
+        fetched = 0
+        for first, n in runs:
+            self._prefetch_inflight += n
+            try:
+                await self._fetch_run(first, n)
+            finally:
+                self._prefetch_inflight -= n
+            got = min(n * self.cs, self.size - first * self.cs)
+            fetched += got
+            self.recorder.prefetched_run(
+                got, [ci for ci in range(first, first + n) if ci in self.quota.held])
+        return fetched
 
 
 def caches_in(layer: BlockLayer) -> list[CacheLayer]:

@@ -1,121 +1,115 @@
-"""The boot profile of a cache layer, and what a prefetcher may ask of it.
+"""A cache's boot profile, and what a prefetcher may ask of a cache.
 
-Mixed into CacheLayer (layers/cache.py) so that the miss path stays in one
-place: the layer records each first fetch here, and layers/prefetch.py
-fills the cache through :meth:`CacheProfileMixin.fill` and friends, never
-through the layer's private state. Format: docs/spec/cache-image.md, section 13.
+:class:`ProfileRecorder` is owned by the cache layer: it loads the profile
+from the store, records each first fetch, notes which clusters a prefetch
+brought and counts the reads that then hit them. :class:`PrefetchTarget` is
+all a prefetcher (layers/prefetch.py) sees of a cache. Format:
+docs/spec/cache-image.md, section 13.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
+from bootcache.block.store import CacheStore
 from bootcache.errors import ImageFormatError
-from bootcache.qcow2 import cache_ext, profile_ext
-from bootcache.qcow2.cache_ext import CacheExtension
-from bootcache.qcow2.image import Qcow2Image
+from bootcache.layers.cache_stats import CacheStats
+from bootcache.qcow2 import profile_ext
 
 log = logging.getLogger("bootcache.cache")
 
 
-class CacheProfileMixin:
-    """The boot profile and the prefetch interface of a cache (mixed into
-    CacheLayer; layers/prefetch.py is the prefetcher, docs/spec section 13)."""
+class ProfileRecorder:
+    """The boot profile of one cache, and its prefetch hits."""
 
-    # Provided by CacheLayer.
-    name: str
-    cs: int
-    img: Qcow2Image
-    ext: CacheExtension
-    cached: OrderedDict[int, None]
-    inflight: Mapping[int, object]
-    _fetch_run: Callable[[int, int], Coroutine[Any, Any, None]]
-    _used: Callable[[], int]
-
-    def _init_profile(self) -> None:
+    def __init__(self, name: str, cluster_size: int, stats: CacheStats) -> None:
+        self.name = name
+        self.cs = cluster_size
+        self.stats = stats
         #: The boot profile: None if the image's cannot be used (it is then left alone).
         self.profile: profile_ext.Profile | None = None
-        self._profile_dirty = False
-        #: Clusters the prefetcher stored, and reads that then hit them.
+        self.dirty = False
+        #: Clusters a prefetch stored (reads hitting them count as prefetch hits).
         self.prefetched: set[int] = set()
-        self.prefetched_bytes = 0
-        self.prefetch_hits = 0
-        #: Called (awaited) first when the cache closes: a prefetch stops there.
-        self.on_close: list[Callable[[], Awaitable[None]]] = []
-        self._prefetch_inflight = 0
 
-    def _load_profile(self) -> None:
+    def load(self, store: CacheStore) -> None:
         try:
-            prof = profile_ext.read_profile(self.img.header)
+            prof: profile_ext.Profile | None = store.read_profile()
         except ImageFormatError as e:
             log.warning("%s: %s; the profile is ignored and kept as it is", self.name, e)
             return
         if prof is None:
-            prof = profile_ext.Profile(self.img.size, self.cs)
-        elif prof.virtual_size != self.img.size:
+            prof = profile_ext.Profile(store.size, self.cs)
+        elif prof.virtual_size != store.size:
             log.warning("%s: the boot profile is for a %d-byte disk, the image has %d bytes; "
-                        "ignored", self.name, prof.virtual_size, self.img.size)
+                        "ignored", self.name, prof.virtual_size, store.size)
             return
         self.profile = prof.regrain(self.cs)
 
-    def _record_profile(self, start: int, count: int) -> None:
+    def record(self, start: int, count: int, limit: int) -> None:
+        """Clusters [start, start+count) were fetched (up to ``limit`` are named)."""
         prof = self.profile
         if prof is not None and not prof.complete:
-            self._profile_dirty |= prof.record(start, count, self.ext.quota // self.cs)
+            self.dirty |= prof.record(start, count, limit)
 
-    def _count_prefetch_hit(self, offset: int, length: int) -> None:
+    def take(self) -> profile_ext.Profile | None:
+        """The profile to save with the cache's records, if it changed."""
+        if not self.dirty or self.profile is None:
+            return None
+        self.dirty = False
+        return self.profile
+
+    def count_hit(self, offset: int, length: int) -> None:
+        """A read of [offset, offset+length) was served from the cache."""
         prefetched = self.prefetched
+        if not prefetched:
+            return
         for ci in range(offset // self.cs, (offset + length - 1) // self.cs + 1):
             if ci in prefetched:
-                self.prefetch_hits += 1
+                self.stats.prefetch_hits += 1
                 return
 
-    # -- what the prefetcher may ask and do ---------------------------------------
+    def prefetched_run(self, fetched: int, stored: list[int]) -> None:
+        """A prefetch fetched ``fetched`` bytes, of which clusters ``stored`` were kept."""
+        self.stats.prefetched_bytes += fetched
+        self.prefetched.update(stored)
+
+    def forget_prefetched(self) -> None:
+        """The cache was dropped: refetched clusters are not prefetch hits."""
+        self.prefetched.clear()
+
+
+class PrefetchTarget(Protocol):
+    """What a prefetcher may ask of a cache, and do to it."""
+
+    name: str
+    #: Called (awaited) first when the cache closes: a prefetch stops there.
+    on_close: list[Callable[[], Awaitable[None]]]
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def cs(self) -> int: ...
+
+    @property
+    def profile(self) -> profile_ext.Profile | None:
+        """The cache's boot profile (None: none that can be used)."""
 
     def holds(self, ci: int) -> bool:
         """Whether a cluster is cached or being fetched."""
-        return ci in self.cached or ci in self.inflight
 
     def room(self) -> int:
-        """Clusters a prefetch may still store: it never evicts, so up to the
-        quota (stop) or the high watermark (lru)."""
-        limit = self.ext.quota
-        if self.ext.policy == cache_ext.POLICY_LRU:
-            limit = limit * self.ext.high_watermark // 100
-        return max(limit // self.cs - self._used(), 0)
+        """Clusters a prefetch may still store (it never evicts)."""
 
     def reads_served(self) -> int:
         """Reads served so far, hits and misses (it moves while guests read)."""
-        return self.ext.hits + self.ext.misses
 
     def demand_in_flight(self) -> int:
         """Clusters being fetched for readers (not for a prefetch)."""
-        return len(self.inflight) - self._prefetch_inflight
 
     async def fill(self, start: int, count: int) -> int:
         """Fetch and store clusters [start, start + count) that are neither
-        cached nor in flight, as a demand miss would; returns the bytes fetched.
-        A reader asking for one of them meanwhile waits for this fetch."""
-        runs: list[tuple[int, int]] = []
-        for ci in range(start, start + count):
-            if self.holds(ci):
-                continue
-            if runs and sum(runs[-1]) == ci:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((ci, 1))
-        fetched = 0
-        for first, n in runs:
-            self._prefetch_inflight += n
-            try:
-                await self._fetch_run(first, n)
-            finally:
-                self._prefetch_inflight -= n
-            got = min(n * self.cs, self.img.size - first * self.cs)
-            fetched += got
-            self.prefetched_bytes += got
-            self.prefetched.update(ci for ci in range(first, first + n) if ci in self.cached)
-        return fetched
+        cached nor in flight, as a demand miss would; returns the bytes fetched."""

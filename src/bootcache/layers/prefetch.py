@@ -7,7 +7,7 @@ in flight. Readers go first: no request starts while guests are reading,
 and while they were active lately only one small one at a time, so a
 reader's miss queues behind little on the link (see ``_allowance``). It
 stops at the quota (it never evicts). It talks to the cache only through
-CacheProfileMixin's interface (``profile``, ``holds``, ``room``,
+layers/cache_profile.PrefetchTarget (``profile``, ``holds``, ``room``,
 ``demand_in_flight``, ``reads_served``, ``fill``).
 """
 
@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from bootcache.layers.cache import CacheLayer
+from bootcache.layers.cache_profile import PrefetchTarget
 
 log = logging.getLogger("bootcache.prefetch")
 
@@ -45,7 +45,7 @@ class PrefetchResult:
 class Prefetcher:
     """Fills one cache from its profile, in the background or to completion."""
 
-    def __init__(self, cache: CacheLayer, *, concurrency: int = DEFAULT_CONCURRENCY,
+    def __init__(self, cache: PrefetchTarget, *, concurrency: int = DEFAULT_CONCURRENCY,
                  request_bytes: int = DEFAULT_REQUEST, quiet: float = DEFAULT_QUIET,
                  calm: float = DEFAULT_CALM, small_request: int = DEFAULT_SMALL_REQUEST,
                  progress: Callable[[int], None] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from bootcache.block.layer import NOWAIT_MAX, BlockLayer, Extent, SourceBacked
 from bootcache.errors import ReadOnlyError
 from bootcache.sources.base import ByteSource
+from bootcache.sources.version import BaseVersion
 
 
 class RawLayer(SourceBacked, BlockLayer):
@@ -17,6 +18,8 @@ class RawLayer(SourceBacked, BlockLayer):
         self._read_only = read_only or not source.writable
         # A synchronous read, when the source is a local file.
         self._pread_now = getattr(source, "pread_now", None)
+        # Subscribed now, before any layer above: it takes the new size first.
+        self._unsubscribe = source.version.subscribe(self)
 
     @classmethod
     async def open(cls, source: ByteSource, *, read_only: bool = True) -> RawLayer:
@@ -70,9 +73,13 @@ class RawLayer(SourceBacked, BlockLayer):
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         return [Extent(offset, length, data=True, zero=False)]
 
-    async def refresh_identity(self) -> None:
-        await self.source.refresh_identity()
-        self._size = await self.source.size()
+    async def base_stale(self, version: BaseVersion) -> None:
+        pass
+
+    async def base_adopted(self, version: BaseVersion) -> None:
+        self._size = await self.source.size()  # a replaced object may have another size
 
     async def close(self) -> None:
+        self._unsubscribe()
+        await self.source.stop_watching()
         await self.source.close()

@@ -9,6 +9,8 @@ facts the header records (table locations and sizes, disk size, features).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from bootcache.qcow2 import format as fmt
 from bootcache.qcow2.barrier import SyncBarrier
 from bootcache.qcow2.format import Header
@@ -53,3 +55,17 @@ class HeaderWriter:
     async def rewrite(self) -> None:
         """Rewrite the whole header cluster (extensions, backing name) from memory."""
         await self._write(0, fmt.serialize_header(self.header))
+
+    async def rewrite_with(self, extensions: Mapping[int, bytes | None], *,
+                           autoclear_set: int = 0,
+                           adjust: Callable[[Header], None] | None = None) -> None:
+        """Replace header extensions (None removes one), set autoclear bits, let
+        ``adjust`` fit what depends on the rest (a record sized to the room
+        left), and rewrite the header cluster once."""
+        h = self.header
+        for ext_type, data in extensions.items():
+            h.set_extension(ext_type, data)
+        h.autoclear_features |= autoclear_set
+        if adjust is not None:
+            adjust(h)
+        await self.rewrite()

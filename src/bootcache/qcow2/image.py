@@ -13,6 +13,7 @@ ordering rule, the structures enforce it.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from bootcache.block.graph import NodeRef
@@ -41,6 +42,7 @@ from bootcache.qcow2.header import HeaderWriter
 from bootcache.qcow2.refcount import Refcounts
 from bootcache.qcow2.tables import decode_u64
 from bootcache.sources.base import ByteSource
+from bootcache.sources.version import BaseVersion
 
 __all__ = ["COMPRESSED", "DATA", "UNALLOC", "ZERO", "Mapping", "Qcow2Image"]
 
@@ -49,6 +51,9 @@ _MAX_WRITE_CHUNK = 32 << 20
 
 class Qcow2Image(SourceBacked, BlockLayer):
     """A qcow2 file on a byte source, optionally over a backing layer."""
+
+    #: Its L1, L2 and refcount tables are of the version it was opened on.
+    follows_new_versions = False
 
     def __init__(self, source: ByteSource, header: Header, l1: array[int],
                  refcounts: Refcounts, *, writable: bool, name: str,
@@ -71,6 +76,9 @@ class Qcow2Image(SourceBacked, BlockLayer):
         self.closed = False
         #: Format decisions follow the header, whether or not the backing is open.
         self.has_backing = header.backing_file is not None
+        #: Why reads fail, once the source's content changed under the tables.
+        self.stale: str | None = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     @property
     def header(self) -> Header:
@@ -113,7 +121,20 @@ class Qcow2Image(SourceBacked, BlockLayer):
         img = cls(source, header, l1, refcounts, writable=writable, name=name)
         if writable:
             await img._prepare_for_writing(keep_autoclear)
+        else:
+            # A read-only image may be a base that is replaced under us.
+            img._unsubscribe = source.version.subscribe(img)
         return img
+
+    # -- a changing source (sources/version.py) ----------------------------------
+
+    async def base_stale(self, version: BaseVersion) -> None:
+        # The tables parsed so far describe the old content: whoever reads this
+        # image must open it again (follows_new_versions is False).
+        self.stale = f"{self.name}: the qcow2 image changed; open it again"
+
+    async def base_adopted(self, version: BaseVersion) -> None:
+        pass
 
     async def _prepare_for_writing(self, keep_autoclear: int) -> None:
         h = self.header
@@ -168,12 +189,6 @@ class Qcow2Image(SourceBacked, BlockLayer):
         if self.backing is not None:
             await self.backing.settle()
 
-    async def refresh_identity(self) -> None:
-        if self.source.writable or not self.source.identity():
-            return
-        # A qcow2 file that changed under us has metadata we may have cached.
-        raise StaleBaseError(f"{self.name}: the qcow2 image changed; reopen it")
-
     # -- mapping (the cluster map's) --------------------------------------------
 
     def data_host(self, offset: int, length: int) -> int:
@@ -184,7 +199,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
     def pread_nowait(self, offset: int, length: int) -> bytes | None:
         # Lookup and read with no await between them: no release can intervene.
         pread_now = getattr(self.source, "pread_now", None)
-        if (pread_now is None or offset < 0 or length > NOWAIT_MAX
+        if (pread_now is None or self.stale or offset < 0 or length > NOWAIT_MAX
                 or offset + length > self.size):
             return None
         host = self.data_host(offset, length)
@@ -209,13 +224,16 @@ class Qcow2Image(SourceBacked, BlockLayer):
 
     async def pread(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
+        if self.stale:
+            raise StaleBaseError(self.stale)
         with self.map.frees.reading():
             runs = await self.map_range(offset, length)
             if len(runs) == 1:
-                return await self._read_run(runs[0])
-            return b"".join([await self._read_run(r) for r in runs])
+                return await self.read_mapped(runs[0])
+            return b"".join([await self.read_mapped(r) for r in runs])
 
-    async def _read_run(self, run: Mapping) -> bytes:
+    async def read_mapped(self, run: Mapping) -> bytes:
+        """The bytes of a run :meth:`map_range` returned (inside :meth:`reading`)."""
         kind, guest, length, host = run
         if kind == DATA:
             return await self.source.pread(host, length)
@@ -253,6 +271,8 @@ class Qcow2Image(SourceBacked, BlockLayer):
         return data
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
+        if self.stale:
+            raise StaleBaseError(self.stale)
         out: list[Extent] = []
         for kind, guest, n, _ in await self.map_range(offset, length):
             if kind == UNALLOC:
@@ -445,6 +465,14 @@ class Qcow2Image(SourceBacked, BlockLayer):
         self._require_writable()
         await self.headers.rewrite()
 
+    async def update_header(self, extensions: dict[int, bytes | None], *,
+                            autoclear_set: int = 0,
+                            adjust: Callable[[Header], None] | None = None) -> None:
+        """Replace header extensions and set autoclear bits in one header
+        rewrite (:meth:`HeaderWriter.rewrite_with`)."""
+        self._require_writable()
+        await self.headers.rewrite_with(extensions, autoclear_set=autoclear_set, adjust=adjust)
+
     # -- zeroing and discard ---------------------------------------------------
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = True,
@@ -515,6 +543,9 @@ class Qcow2Image(SourceBacked, BlockLayer):
             if self.writable:
                 await self.flush()
         finally:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+            await self.source.stop_watching()
             await self.source.close()
             if self.backing_ref is not None:
                 await self.backing_ref.release()  # closes it if nobody else reads it

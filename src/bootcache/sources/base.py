@@ -9,7 +9,10 @@ interface, so a qcow2 base can live on any source.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bootcache.sources.version import BaseVersion
 
 
 class ByteSource(ABC):
@@ -65,6 +68,23 @@ class ByteSource(ABC):
     def fingerprint(self) -> object:
         """A cheap value that changes whenever :meth:`identity` does."""
         return tuple(sorted((k, repr(v)) for k, v in self.identity().items()))
+
+    _version: BaseVersion | None = None
+
+    @property
+    def version(self) -> BaseVersion:
+        """The one watcher of this source's content version (sources/version.py),
+        shared by every layer reading it; made on first use."""
+        if self._version is None:
+            from bootcache.sources.version import BaseVersion
+
+            self._version = BaseVersion(self)
+        return self._version
+
+    async def stop_watching(self) -> None:
+        """Stop the version watcher's background work, if it has one (closing)."""
+        if self._version is not None:
+            await self._version.close()
 
     async def close(self) -> None:
         """Release the source; further calls are errors."""
