@@ -294,6 +294,11 @@ def test_pull_refuses_a_resealed_artifact(tmp_path: Path, warm_cache: tuple[Path
         expect = "compressed cluster|content_sha256"
     elif edit == "moved":  # cluster 17's data now claims to be cluster 16's (not cached)
         raw[entry:entry + 8], raw[entry - 8:entry] = raw[entry - 8:entry], raw[entry:entry + 8]
+        # Only the content digest ties data to guest offsets, and a reader skips
+        # it when the frames carry checksums (spec 14.2): clear that flag, as an
+        # artifact of an earlier publisher has it.
+        flags_at = bytes(raw).index(header_facts(art)["extensions"][EXT_DIGEST]) + 4
+        raw[flags_at:flags_at + 4] = bytes(4)
         expect = "content_sha256"
     else:  # clusters 17 and 18 swap their data: 18's now lies before 17's
         raw[entry:entry + 8], raw[entry + 8:entry + 16] = \

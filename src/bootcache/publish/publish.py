@@ -27,7 +27,14 @@ from bootcache.layers.uri import file_path, source_kind
 from bootcache.publish.artifact import NOT_COPIED
 from bootcache.qcow2 import format as fmt
 from bootcache.qcow2 import seqwrite
-from bootcache.qcow2.digest_ext import EXT_DIGEST, FILE_SHA256_AT, LENGTH, ContentHasher, Digest
+from bootcache.qcow2.digest_ext import (
+    EXT_DIGEST,
+    FILE_SHA256_AT,
+    FLAG_FRAME_CHECKSUMS,
+    LENGTH,
+    ContentHasher,
+    Digest,
+)
 from bootcache.qcow2.image import Qcow2Image
 from bootcache.sources.file import FileSource
 
@@ -59,7 +66,8 @@ def _compress(clusters: list[bytes], level: int) -> list[bytes]:
 
     comp = getattr(_local, "zstd", None)
     if comp is None or _local.level != level:
-        comp = _local.zstd = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        comp = _local.zstd = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                                           write_checksum=True)
         _local.level = level
     return [comp.compress(c) for c in clusters]
 
@@ -183,7 +191,8 @@ async def _write_and_place(head: fmt.Header, clusters: list[int], lengths: list[
     layout = seqwrite.plan(head, clusters, lengths, packed)
     head.set_extension(EXT_DIGEST, Digest(file_length=layout.file_length,
                                           data_clusters=len(clusters),
-                                          content_sha256=content).encode())
+                                          content_sha256=content,
+                                          flags=FLAG_FRAME_CHECKSUMS).encode())
     # set_extension moved the digest to the end, where it already was: same layout.
     meta = seqwrite.metadata(layout)
     sha_at = seqwrite.extension_data_offset(meta[:layout.cs], EXT_DIGEST) + FILE_SHA256_AT
