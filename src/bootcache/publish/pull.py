@@ -112,7 +112,7 @@ async def pull(src: str, cache: str, *, base: str | None = None,
             source = await open_source(src)
             size = await source.size()
             log.debug("%s: opened (%.3f s)", src, time.monotonic() - began)
-            first = await fetch.first_cluster(source, size)
+            start = await fetch.head(source, size)
             log.debug("%s: header cluster (%.3f s)", src, time.monotonic() - began)
         else:
             try:
@@ -120,16 +120,15 @@ async def pull(src: str, cache: str, *, base: str | None = None,
             except OSError as e:
                 raise BootcacheError(f"{src}: cannot open: {e.strerror}") from e
             size = os.fstat(src_fd).st_size
-            first = os.pread(src_fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
-        art = parse_head(first, size, src)
-        first = first[:art.cs]
+            start = os.pread(src_fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
+        art = parse_head(start, size, src)
         base_name = base or art.header.backing_file
         assert base_name is not None
         _preload_base(base_name)
         if remote:
             assert source is not None
-            have = fetch.resume_point(part_fd, first, size)
-            resumed = have if have > len(first) else 0
+            have = fetch.resume_point(part_fd, start, art.cs, size)
+            resumed = have if have > len(start) else 0
             stream = fetch.ArtifactBytes(part_fd, size, have)
             downloader = asyncio.create_task(fetch.download(source, stream))
         else:
