@@ -276,6 +276,42 @@ class NodeDaemon:
         return {"added": added, "removed": removed, "errors": errors,
                 "applied": applied, "needs_restart": restart}
 
+    # -- publishing ----------------------------------------------------------------
+
+    async def publish(self, image: str, dest: str, *, level: int | None = None
+                      ) -> dict[str, Any]:
+        """Publish the cache ``image`` this daemon serves to ``dest``: the lock
+        that keeps other writers and strict readers off a served cache keeps
+        ``bootcache cache publish`` off it too, so the daemon publishes it."""
+        from bootcache.layers.cache import CacheLayer
+        from bootcache.publish.publish import DEFAULT_LEVEL, publish_image
+
+        key = node_key(image)
+
+        async def not_open() -> Any:
+            raise ExportError(f"{image}: not open in this daemon", 404)
+
+        try:
+            ref = await self.graph.acquire(key, not_open, writable=False)
+        except BootcacheError as e:
+            raise ExportError(str(e), 404 if isinstance(e, ExportError) else 409) from e
+        try:
+            cache = ref.layer
+            if not isinstance(cache, CacheLayer):
+                raise ExportError(f"{image}: not a cache image", 422)
+            img = await cache.image_for_publishing()
+            result = await publish_image(img, image, dest,
+                                         level=DEFAULT_LEVEL if level is None else level)
+        except ExportError:
+            raise
+        except BootcacheError as e:
+            raise ExportError(str(e), 422) from e
+        finally:
+            await ref.release()
+        log.warning("published %s to %s: %d clusters, %d bytes", image, dest,
+                    result.clusters, result.artifact_bytes)
+        return result.as_dict()
+
     # -- statistics ----------------------------------------------------------------
 
     def node_metrics(self) -> list[tuple[str, dict[str, Any]]]:

@@ -76,29 +76,44 @@ async def publish(cache_path: str, dest: str, *, level: int = DEFAULT_LEVEL,
                   threads: int | None = None, s3_options: dict[str, Any] | None = None
                   ) -> PublishResult:
     """Publish the cache image ``cache_path`` to ``dest`` (a path or s3://bucket/key)."""
+    # The daemon holds a served cache for writing and does not share it with a
+    # reader that wants it unchanged: a cache in use is refused here, and
+    # published through its daemon instead (publish_image, control API).
+    source = FileSource(cache_path)
+    try:
+        img = await Qcow2Image.open(source, name=cache_path)
+        return await publish_image(img, cache_path, dest, level=level, threads=threads,
+                                   s3_options=s3_options)
+    finally:
+        await source.close()
+
+
+async def publish_image(img: Qcow2Image, name: str, dest: str, *, level: int = DEFAULT_LEVEL,
+                        threads: int | None = None, s3_options: dict[str, Any] | None = None
+                        ) -> PublishResult:
+    """Publish the open cache image ``img`` (called ``name``) to ``dest``.
+
+    ``img`` may be in use (a daemon serving it): its header as last flushed
+    and the clusters it holds when the publish starts are published; each one
+    holds the base's content, and a cluster evicted meanwhile reads as the
+    base's content too, through the image's backing file.
+    """
     began = time.monotonic()
     kind = source_kind(dest)
     if kind not in ("file", "s3"):
         raise BootcacheError(f"{dest}: publish writes to a path or an s3:// URL")
     if kind == "file":
         dest = file_path(dest)  # a file:// URI names a path
-    # The daemon holds a served cache for writing and does not share it with a
-    # reader that wants it unchanged: publishing a cache in use is refused.
-    source = FileSource(cache_path)
-    try:
-        img = await Qcow2Image.open(source, name=cache_path)
-        head = _artifact_header(img, cache_path)
-        local_dir = os.path.dirname(os.path.abspath(dest)) if kind == "file" else None
-        if local_dir is not None and not os.access(local_dir, os.W_OK | os.X_OK):
-            raise BootcacheError(f"{dest}: cannot write into {local_dir}")
-        with tempfile.TemporaryFile(dir=local_dir, prefix=".publish-spool-") as spool:
-            clusters, lengths, packed, content = await _compress_all(
-                img, spool.fileno(), level, threads or os.cpu_count() or 2)
-            spool.flush()
-            result = await _write_and_place(head, clusters, lengths, packed, content,
-                                            spool.fileno(), dest, kind, s3_options or {})
-    finally:
-        await source.close()
+    head = _artifact_header(img, name)
+    local_dir = os.path.dirname(os.path.abspath(dest)) if kind == "file" else None
+    if local_dir is not None and not os.access(local_dir, os.W_OK | os.X_OK):
+        raise BootcacheError(f"{dest}: cannot write into {local_dir}")
+    with tempfile.TemporaryFile(dir=local_dir, prefix=".publish-spool-") as spool:
+        clusters, lengths, packed, content = await _compress_all(
+            img, spool.fileno(), level, threads or os.cpu_count() or 2)
+        spool.flush()
+        result = await _write_and_place(head, clusters, lengths, packed, content,
+                                        spool.fileno(), dest, kind, s3_options or {})
     result.seconds = time.monotonic() - began
     result.raw_bytes = len(clusters) * img.cs
     return result
