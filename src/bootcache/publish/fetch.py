@@ -97,17 +97,23 @@ async def download(source: ByteSource, into: ArtifactBytes) -> None:
     """Fetch the rest of the artifact into ``into``'s file, in order."""
     pending: deque[tuple[int, asyncio.Task[bytes]]] = deque()
     offset = into.available
+
+    def ask() -> None:
+        nonlocal offset
+        while offset < into.size and len(pending) < _CHUNKS_IN_FLIGHT:
+            n = min(_CHUNK, into.size - offset)
+            pending.append((offset, asyncio.create_task(source.pread(offset, n))))
+            offset += n
+
     try:
         while offset < into.size or pending:
-            while offset < into.size and len(pending) < _CHUNKS_IN_FLIGHT:
-                n = min(_CHUNK, into.size - offset)
-                pending.append((offset, asyncio.create_task(source.pread(offset, n))))
-                offset += n
+            ask()
             at, task = pending.popleft()
             data = await task
-            done = 0
-            while done < len(data):
-                done += os.pwrite(into.fd, memoryview(data)[done:], at + done)
+            ask()  # the link stays busy while these bytes land
+            # Off the event loop, which meanwhile receives the next chunks: a
+            # write into fresh page-cache pages can take milliseconds.
+            await asyncio.to_thread(_write_all, into.fd, data, at)
             into.advance(at + len(data))
         log.debug("%s: downloaded", source.name)
     except (SourceError, OSError) as e:
@@ -119,3 +125,9 @@ async def download(source: ByteSource, into: ArtifactBytes) -> None:
         for _, task in pending:
             with contextlib.suppress(BaseException):
                 await task
+
+
+def _write_all(fd: int, data: bytes, at: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, memoryview(data)[done:], at + done)
