@@ -300,12 +300,22 @@ def _frame_checksums(art: Artifact) -> bool:
 async def _hash_file(art: Artifact, stream: fetch.ArtifactBytes) -> bytes:
     """file_sha256 of the artifact, as it arrives (its own 32 bytes read as zeros)."""
     h = hashlib.sha256()
-    for off in range(0, stream.size, _HASH_STEP):
-        chunk = bytearray(await stream.read(off, min(_HASH_STEP, stream.size - off)))
-        at = art.file_sha256_at
-        if off <= at < off + len(chunk):
+    at = art.file_sha256_at
+
+    def add(off: int, n: int) -> None:
+        # Read and hashed on a worker thread: the event loop only waits.
+        chunk: bytes | bytearray = os.pread(stream.fd, n, off)
+        if len(chunk) != n:
+            raise BootcacheError("the downloaded artifact shrank while it was read")
+        if off <= at < off + n:
+            chunk = bytearray(chunk)
             chunk[at - off:at - off + 32] = bytes(32)
-        await asyncio.to_thread(h.update, chunk)
+        h.update(chunk)
+
+    for off in range(0, stream.size, _HASH_STEP):
+        n = min(_HASH_STEP, stream.size - off)
+        await stream.wait(off + n)
+        await asyncio.to_thread(add, off, n)
     return h.digest()
 
 
