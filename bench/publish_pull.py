@@ -53,17 +53,18 @@ from typing import Any
 import remote_read as rr
 from bootcache.storm import nodes
 from bootcache.storm.replay import replay_one
-from bootcache.storm.trace import Trace, debian12, load
+from bootcache.storm.trace import Trace, load, shipped
 
 # Its own addresses: bench/remote_read.py may run at the same time elsewhere.
 rr.HOST_IP, rr.NS_IP = "10.207.0.1", "10.207.0.2"
 HTTP_PORT = 8087
 
+# guest disk, trace file recorded on it, shipped trace to use when that file is gone
 GUESTS = {
     "minbase": ("/var/cache/bootcache-tests/guest-v2/root.raw",
-                "/work/shared/guests/debian12-minbase-guest-v2/boot.trace"),
+                "/work/shared/guests/debian12-minbase-guest-v2/boot.trace", "debian12-minbase"),
     "services": ("/var/cache/bootcache-tests/services-guest-v1/disk.raw",
-                 "/work/shared/traces/debian12-services-boot.trace"),
+                 "/work/shared/traces/debian12-services-boot.trace", "debian12-services"),
 }
 
 
@@ -101,7 +102,7 @@ def one_trace(name: str, base: str, trace: Trace, args: argparse.Namespace,
         print(f"{name}: published {pub['raw-bytes'] / 2**20:.1f} MiB as "
               f"{pub['artifact-bytes'] / 2**20:.1f} MiB ({pub['ratio']:.3f}x) "
               f"in {pub['seconds']:.2f} s", flush=True)
-        pulls, walls = pull_times(art, work, args)
+        pulls, walls, curls = pull_times(art, work, args)
         local = []
         for _ in range(args.repeat):
             target = work / "local.qcow2"
@@ -113,7 +114,7 @@ def one_trace(name: str, base: str, trace: Trace, args: argparse.Namespace,
         got = nodes.bootcache_serve(str(work), "pulled", str(pulled), export="boot").start()
         daemons += [warm, got]
         warm_times, pulled_times, base_bytes = [], [], 0
-        for _ in range(args.boots):
+        for _ in range(max(args.boots, 1)):
             warm_times.append(replay(f"nbd+unix:///boot?socket={warm.sock}", trace))
             link.mark()
             pulled_times.append(replay(f"nbd+unix:///boot?socket={got.sock}", trace))
@@ -126,6 +127,8 @@ def one_trace(name: str, base: str, trace: Trace, args: argparse.Namespace,
             "publish_s": pub["seconds"], "rate": args.rate, "pull_s": pulls,
             "pull_median_s": statistics.median(pulls), "pull_ideal_s": ideal,
             "pull_ratio": statistics.median(pulls) / ideal,
+            "curl_s": curls, "curl_median_s": statistics.median(curls),
+            "pull_curl_ratio": statistics.median(pulls) / statistics.median(curls),
             "pull_wall_s": walls, "pull_wall_median_s": statistics.median(walls),
             "local_pull_s": local, "local_pull_median_s": statistics.median(local),
             "warm_boot_s": warm_times, "pulled_boot_s": pulled_times,
@@ -142,10 +145,11 @@ def one_trace(name: str, base: str, trace: Trace, args: argparse.Namespace,
 
 
 def pull_times(art: Path, work: Path, args: argparse.Namespace
-               ) -> tuple[list[float], list[float]]:
+               ) -> tuple[list[float], list[float], list[float]]:
     """Pull times of the artifact over the shaped link: the pull's own (client
-    library loaded) and the command's wall time."""
-    times, walls = [], []
+    library loaded), the command's wall time, and curl's time to fetch the same
+    object into a file over the same link (taking turns with the pulls)."""
+    times, walls, curls = [], [], []
     with rr.Namespace(rr.parse_rate(args.rate)) as ns:
         d = work / "nginx"
         (d / "tmp").mkdir(parents=True)
@@ -158,6 +162,12 @@ def pull_times(art: Path, work: Path, args: argparse.Namespace
             srv.wait_port()
             url = f"http://{rr.NS_IP}:{HTTP_PORT}/{art.name}"
             for _ in range(args.repeat):
+                fetched = work / "curl.out"
+                out = subprocess.run(["curl", "-sSf", "-o", str(fetched), "-w", "%{time_total}",
+                                      url], capture_output=True, text=True, check=True).stdout
+                assert fetched.stat().st_size == os.path.getsize(art)
+                fetched.unlink()
+                curls.append(float(out))
                 target = work / "pulled.qcow2"
                 if target.exists():
                     target.unlink()
@@ -167,7 +177,7 @@ def pull_times(art: Path, work: Path, args: argparse.Namespace
                 walls.append(res["wall"])
         finally:
             srv.stop()
-    return times, walls
+    return times, walls, curls
 
 
 def main() -> None:
@@ -184,11 +194,11 @@ def main() -> None:
         sys.exit(f"publish_pull needs a network namespace: {why}")
     results = []
     for name in args.traces.split(","):
-        base, trace_path = GUESTS[name]
+        base, trace_path, shipped_name = GUESTS[name]
         if not os.path.exists(base):
             print(f"{name}: {base} missing (build the guest first); skipped", file=sys.stderr)
             continue
-        trace = load(trace_path) if os.path.exists(trace_path) else debian12()
+        trace = load(trace_path) if os.path.exists(trace_path) else shipped(shipped_name)
         work = Path(tempfile.mkdtemp(prefix=f"bcpub-{name}-"))
         try:
             t0 = time.monotonic()
@@ -199,14 +209,16 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print()
-    print("| trace | raw | published | size | pull | size/rate | pull ratio | pull, CLI wall "
-          "| local pull | warm boot | pulled boot | boot ratio (median, best) | base bytes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| trace | raw | published | size | pull | size/rate | pull ratio | curl | pull/curl "
+          "| pull, CLI wall | local pull | warm boot | pulled boot | boot ratio (median, best) "
+          "| base bytes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['trace']} | {r['raw_bytes'] / 2**20:.1f} MiB "
               f"| {r['artifact_bytes'] / 2**20:.1f} MiB | {r['size_ratio']:.3f}x "
               f"| {r['pull_median_s']:.3f} s | {r['pull_ideal_s']:.3f} s "
-              f"| {r['pull_ratio']:.2f}x | {r['pull_wall_median_s']:.3f} s "
+              f"| {r['pull_ratio']:.2f}x | {r['curl_median_s']:.3f} s "
+              f"| {r['pull_curl_ratio']:.2f}x | {r['pull_wall_median_s']:.3f} s "
               f"| {r['local_pull_median_s']:.3f} s "
               f"| {statistics.median(r['warm_boot_s']):.3f} s "
               f"| {statistics.median(r['pulled_boot_s']):.3f} s "

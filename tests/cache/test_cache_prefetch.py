@@ -81,7 +81,9 @@ class SlowBase:
 class Daemon:
     """bootcache serve over one cache image, with its control socket."""
 
-    def __init__(self, cache: Path, sockdir: str, *extra: str) -> None:
+    def __init__(self, cache: Path, sockdir: str, *extra: str, images: bool = True) -> None:
+        """``images`` False: the cache is exported by the --config file given in
+        ``extra``, not on the command line."""
         self.sock = os.path.join(sockdir, "bc.sock")
         self.ctl = self.sock + ".ctl"
         self.uri = f"nbd+unix:///c?socket={self.sock}"
@@ -90,7 +92,8 @@ class Daemon:
         with open(self.logpath, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bootcache", "serve", "-v", "--socket", self.sock,
-                 *extra, f"{cache}=c"], stdout=log, stderr=subprocess.STDOUT, env=child_env())
+                 *extra, *([f"{cache}=c"] if images else [])],
+                stdout=log, stderr=subprocess.STDOUT, env=child_env())
         wait_for(lambda: os.path.exists(self.ctl) or self.proc.poll() is not None, 30, "serve")
         assert self.proc.poll() is None, self.logpath.read_text()
 
@@ -274,3 +277,89 @@ def test_cache_warm_refuses_what_it_cannot_warm(tmp_path: Path) -> None:
     run([QEMU_IMG, "create", "-q", "-f", "qcow2", plain, "1M"])
     proc = bootcache_cli("cache", "warm", plain, check=False)
     assert proc.returncode != 0 and b"not a cache image" in proc.stderr, proc.stderr
+
+
+def test_reload_turns_prefetch_on_and_off_for_served_caches(
+        storage: tuple[Path, bytes, str]) -> None:
+    """SIGHUP / ctl reload applies a changed ``prefetch`` to the caches being
+    served: on, the served cache starts on its profile; off, it stops; on
+    again, it resumes and every cluster still crosses the link once."""
+    tmp, base, sockdir = storage
+    link = SlowBase(tmp / "base.raw", sockdir, rate="16M")  # 8 MiB: about 4 s
+    try:
+        order = list(range(40, 168))  # 128 clusters
+        profile_trace(tmp / "boot.trace", order)
+        cache = tmp / "cache.qcow2"
+        create_profiled_cache(cache, link.uri, tmp / "boot.trace")
+        conf = tmp / "node.toml"
+        sock = os.path.join(sockdir, "bc.sock")
+
+        def configure(prefetch: bool) -> None:
+            # The export is in the file: a reload serves the file's catalog.
+            conf.write_text(f'[server]\nsocket = "{sock}"\n'
+                            f"prefetch = {'true' if prefetch else 'false'}\n"
+                            f'[[export]]\nimage = "{cache}"\nname = "c"\n')
+
+        def reload() -> dict[str, Any]:
+            out = bootcache_cli("ctl", "--control", daemon.ctl, "reload").stdout
+            doc: dict[str, Any] = json.loads(out)
+            assert doc["errors"] == [] and doc["needs_restart"] == [], doc
+            return doc
+
+        configure(False)
+        daemon = Daemon(cache, sockdir, "--config", str(conf), images=False)
+        try:
+            got = qemu_io_read(daemon.uri, 3 * CLUSTER, CLUSTER)  # served, not prefetching
+            assert got == base[3 * CLUSTER:4 * CLUSTER]
+            assert daemon.stats()["prefetched_bytes"] == 0
+            configure(True)
+            assert reload()["applied"] == {"prefetch": {"started": 1}}
+            wait_for(lambda: daemon.stats()["prefetched_bytes"] >= 2 * MiB, 30, "prefetch")
+            configure(False)
+            assert reload()["applied"] == {"prefetch": {"stopped": 1}}
+            wait_for(lambda: daemon.stats()["fetches_in_flight"] == 0, 30, "stores")
+            stopped_at = daemon.stats()["cached_clusters"]
+            assert stopped_at < len(order) + 1, "the prefetch ended before it was stopped"
+            assert reload()["applied"] == {}  # unchanged: nothing to apply
+            configure(True)
+            daemon.proc.send_signal(signal.SIGHUP)  # the same, by signal
+            wait_for(lambda: daemon.stats()["cached_clusters"] == len(order) + 1, 60,
+                     "prefetch resumed")
+            wait_for(lambda: daemon.stats()["fetches_in_flight"] == 0, 30, "stores")
+        finally:
+            daemon.stop()
+        assert cached_clusters(cache) == set(order) | {3}
+        counts = link.cluster_reads()
+        assert set(counts) == set(order) | {3} and set(counts.values()) == {1}, counts
+        assert_qemu_check(cache)
+        run([QEMU_IMG, "compare", "-f", "qcow2", "-F", "raw", cache, tmp / "base.raw"])
+    finally:
+        link.stop()
+
+
+def test_no_prefetch_flag_outlasts_a_reload(storage: tuple[Path, bytes, str]) -> None:
+    """``serve --no-prefetch`` pins the setting: reloading a file that says
+    ``prefetch = true`` leaves it off."""
+    tmp, base, sockdir = storage
+    link = SlowBase(tmp / "base.raw", sockdir, rate="1G")
+    try:
+        profile_trace(tmp / "boot.trace", [5, 6, 7, 100])
+        cache = tmp / "cache.qcow2"
+        create_profiled_cache(cache, link.uri, tmp / "boot.trace")
+        conf = tmp / "node.toml"
+        sock = os.path.join(sockdir, "bc.sock")
+        conf.write_text(f'[server]\nsocket = "{sock}"\nprefetch = true\n'
+                        f'[[export]]\nimage = "{cache}"\nname = "c"\n')
+        daemon = Daemon(cache, sockdir, "--config", str(conf), "--no-prefetch", images=False)
+        try:
+            doc = json.loads(bootcache_cli("ctl", "--control", daemon.ctl, "reload").stdout)
+            assert doc["applied"] == {} and doc["needs_restart"] == [], doc
+            got = qemu_io_read(daemon.uri, 50 * CLUSTER, CLUSTER)
+            assert got == base[50 * CLUSTER:51 * CLUSTER]
+            wait_for(lambda: daemon.stats()["fetches_in_flight"] == 0, 30, "store")
+            stats = daemon.stats()
+            assert stats["prefetched_bytes"] == 0 and stats["cached_clusters"] == 1
+        finally:
+            daemon.stop()
+    finally:
+        link.stop()

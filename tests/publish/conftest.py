@@ -60,7 +60,8 @@ def served(cache: Path, socket_dir: str, log: Path) -> Iterator[str]:
                                  f"{cache}=cache"], stdout=out, stderr=subprocess.STDOUT,
                                 env=child_env())
         try:
-            wait_for(lambda: os.path.exists(sock) or proc.poll() is not None, 30,
+            # It says so once every endpoint listens (the control socket too).
+            wait_for(lambda: b"serving" in log.read_bytes() or proc.poll() is not None, 30,
                      "bootcache serve")
             assert proc.poll() is None, log.read_text()
             yield f"nbd+unix:///cache?socket={sock}"

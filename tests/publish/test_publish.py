@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from cache.conftest import (
     AUTOCLEAR_CACHE,
     EXT_CACHE,
+    QEMU_IO,
     Nbdkit,
     assert_qemu_check,
     cache_extension_fields,
@@ -26,6 +28,7 @@ from cache.conftest import (
     header_facts,
     make_base,
     qemu_convert_raw,
+    wait_for,
 )
 
 from .conftest import (
@@ -246,11 +249,54 @@ def test_publish_and_pull_refuse_bad_destinations(tmp_path: Path,
     assert leftovers(tmp_path) == []
 
 
-def test_publish_refuses_a_cache_in_use(tmp_path: Path, warm_cache: tuple[Path, bytes],
-                                        sockdir: str) -> None:
+def test_publish_of_a_served_cache_goes_through_its_daemon(
+        tmp_path: Path, warm_cache: tuple[Path, bytes], sockdir: str) -> None:
+    """The daemon holds a served cache's lock, so `cache publish` asks the
+    daemon (through the control socket it links beside the cache) to publish
+    it; guests keep reading meanwhile, and what it publishes pulls into a cache
+    that reads as the base."""
+    cache, base = warm_cache
+    art = tmp_path / "a.qcow2"
+    with served(cache, sockdir, tmp_path / "serve.log") as uri:
+        assert os.path.islink(f"{cache}.ctl")
+        # A guest read past the warm set while the publish runs: the daemon
+        # keeps serving (and storing) beside it.
+        reader = subprocess.Popen([QEMU_IMG, "convert", "-f", "raw", "-O", "raw", uri,
+                                   tmp_path / "guest.raw"])
+        out = json.loads(bootcache("cache", "publish", "--output", "json", cache,
+                                   os.path.relpath(art)).stdout)
+        assert reader.wait(120) == 0
+        assert (tmp_path / "guest.raw").read_bytes() == base
+        # Refusals come back from the daemon, whole, and leave nothing behind.
+        proc = bootcache("cache", "publish", cache, tmp_path / "missing" / "b.qcow2",
+                         check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and "daemon refused" in err and "cannot write" in err, err
+        assert "Traceback" not in err
+    assert "published" in (tmp_path / "serve.log").read_text()
+    assert out["artifact-bytes"] == os.path.getsize(art) and out["clusters"] > 0
+    assert_qemu_check(art)
+    run([QEMU_IMG, "compare", "-F", "raw", art, tmp_path / "base.raw"])
+    pulled = tmp_path / "pulled.qcow2"
+    bootcache("cache", "pull", art, pulled)
+    assert qemu_convert_raw(pulled) == base
+    assert leftovers(tmp_path) == []
+
+
+def test_publish_refuses_a_cache_locked_by_another_writer(
+        tmp_path: Path, warm_cache: tuple[Path, bytes]) -> None:
+    """No daemon to ask (no control link): a cache another writer holds is
+    refused by its lock, as before."""
     cache, _ = warm_cache
-    with served(cache, sockdir, tmp_path / "serve.log"):
+    holder = subprocess.Popen([QEMU_IO, "-f", "qcow2", cache], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # qemu-io holds the image (and its write lock) until it quits.
+        wait_for(lambda: "lock" in run([QEMU_IMG, "info", cache], check=False).stderr.decode(),
+                 30, "qemu-io's lock")
         proc = bootcache("cache", "publish", cache, tmp_path / "a.qcow2", check=False)
+    finally:
+        holder.communicate(b"quit\n", timeout=30)
     err = proc.stderr.decode()
     assert proc.returncode == 1 and "lock" in err.lower(), err
     assert not (tmp_path / "a.qcow2").exists()
@@ -294,6 +340,11 @@ def test_pull_refuses_a_resealed_artifact(tmp_path: Path, warm_cache: tuple[Path
         expect = "compressed cluster|content_sha256"
     elif edit == "moved":  # cluster 17's data now claims to be cluster 16's (not cached)
         raw[entry:entry + 8], raw[entry - 8:entry] = raw[entry - 8:entry], raw[entry:entry + 8]
+        # Only the content digest ties data to guest offsets, and a reader skips
+        # it when the frames carry checksums (spec 14.2): clear that flag, as an
+        # artifact of an earlier publisher has it.
+        flags_at = bytes(raw).index(header_facts(art)["extensions"][EXT_DIGEST]) + 4
+        raw[flags_at:flags_at + 4] = bytes(4)
         expect = "content_sha256"
     else:  # clusters 17 and 18 swap their data: 18's now lies before 17's
         raw[entry:entry + 8], raw[entry + 8:entry + 16] = \

@@ -46,7 +46,13 @@ def test_vector_decodes_as_the_spec_says(tmp_path: Path) -> None:
     assert found is not None
     at, data = found
     version, flags, length, clusters, file_sha, content_sha = struct.unpack(">IIQQ32s32s", data)
-    assert (version, flags, length, clusters) == (1, 0, len(raw), 4)
+    assert (version, flags, length, clusters) == (1, 1, len(raw), 4)
+    # flags bit 0: every compressed cluster is a zstd frame with a content
+    # checksum (its frame header descriptor's bit 2).
+    for dc in want["data_clusters"]:
+        if dc["stored"] == "compressed":
+            frame = raw[dc["host_offset"]:]
+            assert frame[:4] == b"\x28\xb5\x2f\xfd" and frame[4] & 0x04
     assert at + 24 == want["digest"]["file_sha256_offset"]
     # file_sha256: the whole file, its own 32 bytes read as zeros.
     zeroed = raw[:at + 24] + bytes(32) + raw[at + 56:]

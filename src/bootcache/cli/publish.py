@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from typing import Any
 
 import click
 
@@ -18,16 +20,40 @@ from bootcache.cli.images import run
 @click.argument("cache")
 @click.argument("dest")
 def publish(level: int, threads: int | None, output: str, cache: str, dest: str) -> None:
-    """Publish CACHE's data, compressed, to DEST (a path or s3://bucket/key)."""
-    from bootcache.publish.publish import publish as do_publish
+    """Publish CACHE's data, compressed, to DEST (a path or s3://bucket/key).
 
-    result = run(do_publish(cache, dest, level=level, threads=threads)).as_dict()
+    A cache that a daemon serves is published by that daemon (it holds the
+    image's lock), through the control socket it links beside the cache."""
+    result = _publish_through_daemon(cache, dest, level)
+    if result is None:
+        from bootcache.publish.publish import publish as do_publish
+
+        result = run(do_publish(cache, dest, level=level, threads=threads)).as_dict()
     if output == "json":
         click.echo(json.dumps(result, indent=4))
         return
     click.echo(f"published {result['clusters']} clusters ({result['raw-bytes']} bytes) as "
                f"{result['artifact-bytes']} bytes ({result['ratio']:.2f}x) to {dest} in "
                f"{result['seconds']:.2f} s")
+
+
+def _publish_through_daemon(cache: str, dest: str, level: int) -> dict[str, Any] | None:
+    """The daemon's answer, or None when no daemon serves ``cache``."""
+    link = cache + ".ctl"
+    if not os.path.islink(link):
+        return None
+    from bootcache.daemon.ctlclient import ControlClient, ControlError
+    from bootcache.errors import BootcacheError
+
+    if "://" not in dest:
+        dest = os.path.abspath(dest)  # the daemon has a folder of its own
+    try:
+        # A publish reads and compresses the whole cache: no short timeout.
+        return ControlClient(link, timeout=3600).publish(os.path.abspath(cache), dest, level)
+    except ControlError as e:
+        if e.status in (0, 404):
+            return None  # a daemon gone (its link left behind), or not serving it
+        raise BootcacheError(f"{cache}: its daemon refused to publish it: {e}") from None
 
 
 @click.command()

@@ -138,14 +138,15 @@ def serve(config_path: str | None, socket_path: str | None, socket_mode: str | N
     if factory is not None:
         kwargs["loop_factory"] = factory
     with asyncio.Runner(**kwargs) as runner:
-        daemon = runner.run(_make(cfg, config_path))
+        daemon = runner.run(_make(cfg, config_path,
+                                  frozenset({"prefetch"}) if no_prefetch else frozenset()))
         runner.run(daemon.run(ready))
 
 
-async def _make(cfg: NodeConfig, config_path: str | None) -> Any:
+async def _make(cfg: NodeConfig, config_path: str | None, pinned: frozenset[str]) -> Any:
     from bootcache.daemon.service import NodeDaemon
 
-    return NodeDaemon(cfg, config_path=config_path)
+    return NodeDaemon(cfg, config_path=config_path, pinned=pinned)
 
 
 def main() -> None:

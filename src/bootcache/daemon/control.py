@@ -6,6 +6,8 @@
     GET    /v1/stats[/NAME]               counters of every export (or one)
     GET    /v1/nodes?image=PATH           counters of one open image (``cache stats``)
     POST   /v1/reload                     reread the node configuration (as SIGHUP)
+    POST   /v1/publish                    {"image": PATH, "dest": PATH|s3://..., "level": N?}
+                                          publish a cache being served
 
 Every answer is a JSON object; errors are ``{"error": "..."}`` with a 4xx
 status and change nothing. The socket is created with mode 0600, and each
@@ -74,6 +76,7 @@ class ControlServer:
             web.get("/v1/stats/{name}", self.stats),
             web.get("/v1/nodes", self.node_stats),
             web.post("/v1/reload", self.reload),
+            web.post("/v1/publish", self.publish),
         ])
         return app
 
@@ -157,6 +160,19 @@ class ControlServer:
 
     async def reload(self, request: web.Request) -> web.Response:
         return web.json_response(await self.daemon.reload())
+
+    async def publish(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        image, dest, level = body.get("image"), body.get("dest"), body.get("level")
+        unknown = set(body) - {"image", "dest", "level"}
+        if unknown:
+            raise ExportError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        if not isinstance(image, str) or not isinstance(dest, str) \
+                or not (level is None or (type(level) is int and 1 <= level <= 19)):
+            raise ExportError('expected {"image": string, "dest": string, "level": 1-19?}')
+        if "://" not in dest and not os.path.isabs(dest):
+            raise ExportError(f"{dest}: a local destination must be an absolute path")
+        return web.json_response(await self.daemon.publish(image, dest, level=level))
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

@@ -128,5 +128,11 @@ class ControlClient:
     def reload(self) -> dict[str, Any]:
         return self.request("POST", "/v1/reload", {})
 
+    def publish(self, image: str, dest: str, level: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"image": image, "dest": dest}
+        if level is not None:
+            body["level"] = level
+        return self.request("POST", "/v1/publish", body)
+
 
 __all__ = ["ControlClient", "ControlError", "default_control"]

@@ -37,6 +37,7 @@ from bootcache.daemon.exports import (
     default_name,
 )
 from bootcache.daemon.notify import notify, notify_reloading
+from bootcache.daemon.prefetching import PrefetchSwitch
 from bootcache.errors import BootcacheError
 from bootcache.layers.chain import ChainPolicy, node_key
 from bootcache.nbd.server import NBDServer
@@ -85,17 +86,20 @@ def policy_of(cfg: NodeConfig) -> ChainPolicy:
     if cfg.readahead:
         policy.cache_readahead = cfg.readahead
     policy.remote_options = dict(cfg.remote)
-    policy.cache_prefetch = cfg.prefetch
     return policy
 
 
 class NodeDaemon:
     """One node's images, exports and endpoints."""
 
-    def __init__(self, cfg: NodeConfig, *, config_path: str | None = None) -> None:
+    def __init__(self, cfg: NodeConfig, *, config_path: str | None = None,
+                 pinned: frozenset[str] = frozenset()) -> None:
+        """``pinned``: settings the command line fixed, which a reload of the
+        file does not change (``prefetch`` after ``--no-prefetch``)."""
         cfg.check()
         self.cfg = cfg
         self.config_path = config_path
+        self.pinned = pinned
         self.graph = NodeGraph()
         self.exports = ExportRegistry(self.graph, policy_of(cfg))
         self.server: NBDServer | None = None
@@ -105,6 +109,8 @@ class NodeDaemon:
         self._links: set[str] = set()
         self.where: list[str] = []
         self.exports.on_open.append(self._link_caches)
+        self.prefetch = PrefetchSwitch(cfg.prefetch)
+        self.exports.on_open.append(lambda entry: self.prefetch.opened(entry.ref.layer))
 
     # -- life cycle -------------------------------------------------------------
 
@@ -257,10 +263,54 @@ class NodeDaemon:
                 added.append(name)
             except BootcacheError as e:
                 errors.append(str(e))
+        for key in self.pinned:
+            setattr(new, key, getattr(self.cfg, key))
+        # Settings a reload applies to what is open, then to what opens later.
+        applied = {}
+        if new.prefetch != self.cfg.prefetch:
+            applied["prefetch"] = await self.prefetch.set(
+                new.prefetch, [node.layer for node in self.graph])
+            self.cfg.prefetch = new.prefetch
         restart = sorted(k for k, v in new.settings().items()
                          if self.cfg.settings().get(k) != v)
         return {"added": added, "removed": removed, "errors": errors,
-                "needs_restart": restart}
+                "applied": applied, "needs_restart": restart}
+
+    # -- publishing ----------------------------------------------------------------
+
+    async def publish(self, image: str, dest: str, *, level: int | None = None
+                      ) -> dict[str, Any]:
+        """Publish the cache ``image`` this daemon serves to ``dest``: the lock
+        that keeps other writers and strict readers off a served cache keeps
+        ``bootcache cache publish`` off it too, so the daemon publishes it."""
+        from bootcache.layers.cache import CacheLayer
+        from bootcache.publish.publish import DEFAULT_LEVEL, publish_image
+
+        key = node_key(image)
+
+        async def not_open() -> Any:
+            raise ExportError(f"{image}: not open in this daemon", 404)
+
+        try:
+            ref = await self.graph.acquire(key, not_open, writable=False)
+        except BootcacheError as e:
+            raise ExportError(str(e), 404 if isinstance(e, ExportError) else 409) from e
+        try:
+            cache = ref.layer
+            if not isinstance(cache, CacheLayer):
+                raise ExportError(f"{image}: not a cache image", 422)
+            img = await cache.image_for_publishing()
+            result = await publish_image(img, image, dest,
+                                         level=DEFAULT_LEVEL if level is None else level)
+        except ExportError:
+            raise
+        except BootcacheError as e:
+            raise ExportError(str(e), 422) from e
+        finally:
+            await ref.release()
+        log.warning("published %s to %s: %d clusters, %d bytes", image, dest,
+                    result.clusters, result.artifact_bytes)
+        return result.as_dict()
 
     # -- statistics ----------------------------------------------------------------
 

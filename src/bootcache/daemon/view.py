@@ -27,3 +27,7 @@ class NodeView(Protocol):
 
     async def reload(self) -> dict[str, Any]:
         """Reread the configuration file and apply the catalog's difference."""
+
+    async def publish(self, image: str, dest: str, *, level: int | None = None
+                      ) -> dict[str, Any]:
+        """Publish a cache this daemon serves (``bootcache cache publish``)."""

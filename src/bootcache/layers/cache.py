@@ -364,6 +364,14 @@ class CacheLayer(BlockLayer):
     async def prefetch(self, offset: int, length: int) -> None:
         await self.pread(offset, length)
 
+    async def image_for_publishing(self) -> Qcow2Image:
+        """The cache image, with what it holds flushed (tables, header, counters),
+        for publishing it while it is served (the daemon's publish): the image's
+        reads are safe beside the cache's own stores and evictions."""
+        await self.settle()
+        await self.flush()
+        return self.img
+
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         return await self.store.block_status(offset, length)
 

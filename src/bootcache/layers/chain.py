@@ -55,8 +55,6 @@ class ChainPolicy:
     activate_caches: bool = True
     #: Bytes a cache fetches beyond each miss (rounded up to clusters).
     cache_readahead: int = 0
-    #: Caches prefetch the clusters their boot profile names (the daemon does).
-    cache_prefetch: bool = False
     #: Options of remote sources (timeout, deadline, retries, ...: RemoteOptions).
     remote_options: dict[str, str] = field(default_factory=dict)
 
@@ -224,10 +222,6 @@ class _Opener:
                 raise
             cache.reopen_base = open_backing
             cache.readahead = -(-policy.cache_readahead // img.cs)
-            if policy.cache_prefetch:
-                from bootcache.layers.prefetch import Prefetcher
-
-                Prefetcher(cache).start()
             return cache
         return img
 

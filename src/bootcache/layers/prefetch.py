@@ -101,6 +101,10 @@ class Prefetcher:
         self.cache.on_close.append(self.stop)
         return self
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()

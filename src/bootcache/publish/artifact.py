@@ -91,6 +91,24 @@ def _digest_offset(first: bytes, h: fmt.Header) -> int:
     return extension_data_offset(first[:h.cluster_size], EXT_DIGEST) + FILE_SHA256_AT
 
 
+_ZERO_STRETCH = bytes(512)
+
+
+def _nonzero_entries(table: bytes, count: int) -> list[tuple[int, int]]:
+    """(index, entry) of the nonzero 64-bit entries of an L2 table, in order.
+    Tables are mostly zeros: zero stretches are skipped without decoding."""
+    out = []
+    step = len(_ZERO_STRETCH)
+    for at in range(0, count * 8, step):
+        stretch = table[at:min(at + step, count * 8)]
+        if stretch == _ZERO_STRETCH:
+            continue
+        first = at // 8
+        out += [(first + j, e) for j, e in enumerate(struct.unpack(f">{len(stretch) // 8}Q",
+                                                                   stretch)) if e]
+    return out
+
+
 def data_clusters(art: Artifact, l1: bytes, l2_tables: dict[int, bytes],
                   data_start: int) -> list[DataCluster]:
     """The artifact's data clusters in guest order, each checked to lie in the data
@@ -106,11 +124,7 @@ def data_clusters(art: Artifact, l1: bytes, l2_tables: dict[int, bytes],
     for l1i in range(h.l1_size):
         if not struct.unpack_from(">Q", l1, l1i * 8)[0] & fmt.L1E_OFFSET_MASK:
             continue
-        table = l2_tables[l1i]
-        for i in range(per):
-            e = struct.unpack_from(">Q", table, i * 8)[0]
-            if e == 0:
-                continue
+        for i, e in _nonzero_entries(l2_tables[l1i], per):
             guest = l1i * per + i
             if e & fmt.OFLAG_COMPRESSED:
                 start = e & ((1 << x) - 1)

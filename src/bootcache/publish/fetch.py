@@ -64,24 +64,32 @@ class ArtifactBytes:
         self._changed.set()
 
 
-async def first_cluster(source: ByteSource, size: int) -> bytes:
-    """The header cluster of a qcow2 artifact (its size read from the header)."""
-    head = await source.pread(0, min(size, 4096))
-    bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
-    if not 9 <= bits <= 21:
-        return head  # not qcow2: the header parser says so
-    return await source.pread(0, min(size, 1 << bits))
+#: The first request: the header cluster and, in one round trip, most likely
+#: the L1 and L2 tables behind it.
+_HEAD = 1 << 20
 
 
-def resume_point(fd: int, first: bytes, size: int) -> int:
-    """How much of a partial download can be kept: all of it when it starts with
-    the artifact's header cluster; else it starts over from that cluster (which
-    the caller has read already)."""
+async def head(source: ByteSource, size: int) -> bytes:
+    """The start of a qcow2 artifact: at least its header cluster (whose size the
+    header gives), read with as few requests as possible."""
+    data = await source.pread(0, min(size, _HEAD))
+    bits = int.from_bytes(data[20:24], "big") if len(data) >= 24 else 0
+    if 9 <= bits <= 21 and len(data) < min(size, 1 << bits):
+        data += await source.pread(len(data), min(size, 1 << bits) - len(data))
+    return data  # not qcow2 when the bits are out of range: the header parser says so
+
+
+def resume_point(fd: int, start: bytes, cluster: int, size: int) -> int:
+    """How much of a partial download can be kept: all of it when it begins with
+    the artifact's header cluster (``start[:cluster]``); else it starts over
+    from ``start``, the artifact's first bytes, which the caller has already."""
     have = os.fstat(fd).st_size
-    if have < len(first) or have > size or os.pread(fd, len(first), 0) != first:
+    if have < cluster or have > size or os.pread(fd, cluster, 0) != start[:cluster]:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, first, 0)
-        return len(first)
+        have = 0
+    if have < len(start):
+        os.pwrite(fd, start, 0)  # the same bytes where they overlap: the same artifact
+        return len(start)
     return have
 
 
@@ -89,17 +97,23 @@ async def download(source: ByteSource, into: ArtifactBytes) -> None:
     """Fetch the rest of the artifact into ``into``'s file, in order."""
     pending: deque[tuple[int, asyncio.Task[bytes]]] = deque()
     offset = into.available
+
+    def ask() -> None:
+        nonlocal offset
+        while offset < into.size and len(pending) < _CHUNKS_IN_FLIGHT:
+            n = min(_CHUNK, into.size - offset)
+            pending.append((offset, asyncio.create_task(source.pread(offset, n))))
+            offset += n
+
     try:
         while offset < into.size or pending:
-            while offset < into.size and len(pending) < _CHUNKS_IN_FLIGHT:
-                n = min(_CHUNK, into.size - offset)
-                pending.append((offset, asyncio.create_task(source.pread(offset, n))))
-                offset += n
+            ask()
             at, task = pending.popleft()
             data = await task
-            done = 0
-            while done < len(data):
-                done += os.pwrite(into.fd, memoryview(data)[done:], at + done)
+            ask()  # the link stays busy while these bytes land
+            # Off the event loop, which meanwhile receives the next chunks: a
+            # write into fresh page-cache pages can take milliseconds.
+            await asyncio.to_thread(_write_all, into.fd, data, at)
             into.advance(at + len(data))
         log.debug("%s: downloaded", source.name)
     except (SourceError, OSError) as e:
@@ -111,3 +125,9 @@ async def download(source: ByteSource, into: ArtifactBytes) -> None:
         for _, task in pending:
             with contextlib.suppress(BaseException):
                 await task
+
+
+def _write_all(fd: int, data: bytes, at: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, memoryview(data)[done:], at + done)

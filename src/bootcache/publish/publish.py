@@ -27,7 +27,14 @@ from bootcache.layers.uri import file_path, source_kind
 from bootcache.publish.artifact import NOT_COPIED
 from bootcache.qcow2 import format as fmt
 from bootcache.qcow2 import seqwrite
-from bootcache.qcow2.digest_ext import EXT_DIGEST, FILE_SHA256_AT, LENGTH, ContentHasher, Digest
+from bootcache.qcow2.digest_ext import (
+    EXT_DIGEST,
+    FILE_SHA256_AT,
+    FLAG_FRAME_CHECKSUMS,
+    LENGTH,
+    ContentHasher,
+    Digest,
+)
 from bootcache.qcow2.image import Qcow2Image
 from bootcache.sources.file import FileSource
 
@@ -59,7 +66,8 @@ def _compress(clusters: list[bytes], level: int) -> list[bytes]:
 
     comp = getattr(_local, "zstd", None)
     if comp is None or _local.level != level:
-        comp = _local.zstd = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        comp = _local.zstd = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                                           write_checksum=True)
         _local.level = level
     return [comp.compress(c) for c in clusters]
 
@@ -68,29 +76,44 @@ async def publish(cache_path: str, dest: str, *, level: int = DEFAULT_LEVEL,
                   threads: int | None = None, s3_options: dict[str, Any] | None = None
                   ) -> PublishResult:
     """Publish the cache image ``cache_path`` to ``dest`` (a path or s3://bucket/key)."""
+    # The daemon holds a served cache for writing and does not share it with a
+    # reader that wants it unchanged: a cache in use is refused here, and
+    # published through its daemon instead (publish_image, control API).
+    source = FileSource(cache_path)
+    try:
+        img = await Qcow2Image.open(source, name=cache_path)
+        return await publish_image(img, cache_path, dest, level=level, threads=threads,
+                                   s3_options=s3_options)
+    finally:
+        await source.close()
+
+
+async def publish_image(img: Qcow2Image, name: str, dest: str, *, level: int = DEFAULT_LEVEL,
+                        threads: int | None = None, s3_options: dict[str, Any] | None = None
+                        ) -> PublishResult:
+    """Publish the open cache image ``img`` (called ``name``) to ``dest``.
+
+    ``img`` may be in use (a daemon serving it): its header as last flushed
+    and the clusters it holds when the publish starts are published; each one
+    holds the base's content, and a cluster evicted meanwhile reads as the
+    base's content too, through the image's backing file.
+    """
     began = time.monotonic()
     kind = source_kind(dest)
     if kind not in ("file", "s3"):
         raise BootcacheError(f"{dest}: publish writes to a path or an s3:// URL")
     if kind == "file":
         dest = file_path(dest)  # a file:// URI names a path
-    # The daemon holds a served cache for writing and does not share it with a
-    # reader that wants it unchanged: publishing a cache in use is refused.
-    source = FileSource(cache_path)
-    try:
-        img = await Qcow2Image.open(source, name=cache_path)
-        head = _artifact_header(img, cache_path)
-        local_dir = os.path.dirname(os.path.abspath(dest)) if kind == "file" else None
-        if local_dir is not None and not os.access(local_dir, os.W_OK | os.X_OK):
-            raise BootcacheError(f"{dest}: cannot write into {local_dir}")
-        with tempfile.TemporaryFile(dir=local_dir, prefix=".publish-spool-") as spool:
-            clusters, lengths, packed, content = await _compress_all(
-                img, spool.fileno(), level, threads or os.cpu_count() or 2)
-            spool.flush()
-            result = await _write_and_place(head, clusters, lengths, packed, content,
-                                            spool.fileno(), dest, kind, s3_options or {})
-    finally:
-        await source.close()
+    head = _artifact_header(img, name)
+    local_dir = os.path.dirname(os.path.abspath(dest)) if kind == "file" else None
+    if local_dir is not None and not os.access(local_dir, os.W_OK | os.X_OK):
+        raise BootcacheError(f"{dest}: cannot write into {local_dir}")
+    with tempfile.TemporaryFile(dir=local_dir, prefix=".publish-spool-") as spool:
+        clusters, lengths, packed, content = await _compress_all(
+            img, spool.fileno(), level, threads or os.cpu_count() or 2)
+        spool.flush()
+        result = await _write_and_place(head, clusters, lengths, packed, content,
+                                        spool.fileno(), dest, kind, s3_options or {})
     result.seconds = time.monotonic() - began
     result.raw_bytes = len(clusters) * img.cs
     return result
@@ -183,7 +206,8 @@ async def _write_and_place(head: fmt.Header, clusters: list[int], lengths: list[
     layout = seqwrite.plan(head, clusters, lengths, packed)
     head.set_extension(EXT_DIGEST, Digest(file_length=layout.file_length,
                                           data_clusters=len(clusters),
-                                          content_sha256=content).encode())
+                                          content_sha256=content,
+                                          flags=FLAG_FRAME_CHECKSUMS).encode())
     # set_extension moved the digest to the end, where it already was: same layout.
     meta = seqwrite.metadata(layout)
     sha_at = seqwrite.extension_data_offset(meta[:layout.cs], EXT_DIGEST) + FILE_SHA256_AT

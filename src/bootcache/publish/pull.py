@@ -44,7 +44,7 @@ from bootcache.publish.artifact import (
 from bootcache.qcow2 import cache_ext, seqwrite
 from bootcache.qcow2 import format as fmt
 from bootcache.qcow2.compress import decompress_cluster
-from bootcache.qcow2.digest_ext import ContentHasher
+from bootcache.qcow2.digest_ext import FLAG_FRAME_CHECKSUMS, ContentHasher
 from bootcache.sources.base import ByteSource
 
 log = logging.getLogger("bootcache.publish")
@@ -74,11 +74,11 @@ async def pull(src: str, cache: str, *, base: str | None = None,
     ``base`` overrides the base the cache names (default: the artifact's).
     """
     kind = source_kind(src)
-    if kind in ("http", "s3"):
-        # The client library loads before the clock starts: its import is a
-        # fixed start-up cost (about a second for aiohttp on a busy machine),
-        # reported apart from the pull's own time by bench/publish_pull.py.
-        importlib.import_module(f"bootcache.sources.{kind}")
+    # What the pull will run loads before the clock starts: imports are a fixed
+    # start-up cost (about a second for aiohttp on a busy machine), reported
+    # apart from the pull's own time by bench/publish_pull.py, and they would
+    # otherwise stall the event loop while the download runs.
+    _preload(kind)
     began = time.monotonic()
     cache = os.path.abspath(cache)
     cache_dir = os.path.dirname(cache)
@@ -111,22 +111,24 @@ async def pull(src: str, cache: str, *, base: str | None = None,
 
             source = await open_source(src)
             size = await source.size()
-            first = await fetch.first_cluster(source, size)
+            log.debug("%s: opened (%.3f s)", src, time.monotonic() - began)
+            start = await fetch.head(source, size)
+            log.debug("%s: header cluster (%.3f s)", src, time.monotonic() - began)
         else:
             try:
                 src_fd = os.open(file_path(src), os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise BootcacheError(f"{src}: cannot open: {e.strerror}") from e
             size = os.fstat(src_fd).st_size
-            first = os.pread(src_fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
-        art = parse_head(first, size, src)
-        first = first[:art.cs]
+            start = os.pread(src_fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
+        art = parse_head(start, size, src)
         base_name = base or art.header.backing_file
         assert base_name is not None
+        _preload_base(base_name)
         if remote:
             assert source is not None
-            have = fetch.resume_point(part_fd, first, size)
-            resumed = have if have > len(first) else 0
+            have = fetch.resume_point(part_fd, start, art.cs, size)
+            resumed = have if have > len(start) else 0
             stream = fetch.ArtifactBytes(part_fd, size, have)
             downloader = asyncio.create_task(fetch.download(source, stream))
         else:
@@ -134,10 +136,12 @@ async def pull(src: str, cache: str, *, base: str | None = None,
             stream = fetch.ArtifactBytes(src_fd, size, size)
             downloader = None
         try:
-            # The base is checked while the transfer starts: its latency is not added.
-            await check_base(art, base_name, cache_dir, src)
-            log.debug("%s: base identity matches (%.3f s)", src, time.monotonic() - began)
-            clusters = await _build(art, stream, cache, base_name, threads or os.cpu_count() or 2)
+            # The base is checked while the artifact downloads and is written:
+            # its latency is not added; nothing is linked before it passed.
+            checking = asyncio.create_task(check_base(art, base_name, cache_dir, src))
+            building = asyncio.create_task(
+                _build(art, stream, cache, base_name, threads or os.cpu_count() or 2, checking))
+            clusters = await _first_failure(checking, building)
             if downloader is not None:
                 await downloader
             log.debug("%s: pulled (%.3f s)", src, time.monotonic() - began)
@@ -162,6 +166,41 @@ async def pull(src: str, cache: str, *, base: str | None = None,
             os.unlink(part_path)
         if source is not None:
             await source.close()
+
+
+def _preload(kind: str) -> None:
+    for name in ("bootcache.layers.cache", "bootcache.layers.chain", "zstandard"):
+        importlib.import_module(name)
+    if kind in ("http", "s3"):
+        importlib.import_module(f"bootcache.sources.{kind}")
+
+
+def _preload_base(base_name: str) -> None:
+    """The client of the base's source, loaded before the download starts (an
+    import would stall it), while the check of the base runs beside it."""
+    with contextlib.suppress(ValueError):  # a bad name is reported by the check
+        kind = source_kind(base_name)
+        importlib.import_module({"http": "bootcache.sources.http", "s3": "bootcache.sources.s3",
+                                 "nbd": "bootcache.nbd.client"}.get(kind, "bootcache.sources.file"))
+
+
+async def _first_failure(checking: asyncio.Task[None], building: asyncio.Task[int]) -> int:
+    """The build's result; the base check's error as soon as it fails (the
+    build is then stopped, not run to its end)."""
+    try:
+        await asyncio.wait({checking, building}, return_when=asyncio.FIRST_EXCEPTION)
+        if checking.done() and checking.exception() is not None:
+            building.cancel()
+            with contextlib.suppress(BaseException):
+                await building
+            await checking  # raises
+        return await building
+    finally:
+        for task in (checking, building):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
 
 async def check_base(art: Artifact, base_name: str, cache_dir: str, src: str) -> None:
@@ -234,36 +273,58 @@ async def _read_metadata(art: Artifact, stream: fetch.ArtifactBytes) -> list[Dat
     return data_clusters(art, l1, tables, data_start)
 
 
-def _expand(art: Artifact, batch: list[DataCluster], region: bytes, at: int) -> list[bytes]:
+def _expand(art: Artifact, batch: list[DataCluster], region: bytes, at: int
+            ) -> list[bytes | memoryview]:
     """The guest content of a batch of data clusters, from the bytes they occupy."""
     cs = art.cs
-    out = []
+    checksummed = _frame_checksums(art)
+    out: list[bytes | memoryview] = []
+    view = memoryview(region)
     for dc in batch:
-        raw = region[dc.start - at:dc.end - at]
+        raw = view[dc.start - at:dc.end - at]
         if dc.kind == COMPRESSED:
-            out.append(decompress_cluster(raw, cs, art.header.compression_type))
+            out.append(decompress_cluster(raw, cs, art.header.compression_type,
+                                          checksummed=checksummed))
         else:
             out.append(raw)
     return out
 
 
+def _frame_checksums(art: Artifact) -> bool:
+    """Whether each compressed cluster verifies its own content (spec 14.2): then
+    the file digest and those checksums cover everything, and the content is
+    not hashed a second time."""
+    return bool(art.digest.flags & FLAG_FRAME_CHECKSUMS)
+
+
 async def _hash_file(art: Artifact, stream: fetch.ArtifactBytes) -> bytes:
     """file_sha256 of the artifact, as it arrives (its own 32 bytes read as zeros)."""
     h = hashlib.sha256()
-    for off in range(0, stream.size, _HASH_STEP):
-        chunk = bytearray(await stream.read(off, min(_HASH_STEP, stream.size - off)))
-        at = art.file_sha256_at
-        if off <= at < off + len(chunk):
+    at = art.file_sha256_at
+
+    def add(off: int, n: int) -> None:
+        # Read and hashed on a worker thread: the event loop only waits.
+        chunk: bytes | bytearray = os.pread(stream.fd, n, off)
+        if len(chunk) != n:
+            raise BootcacheError("the downloaded artifact shrank while it was read")
+        if off <= at < off + n:
+            chunk = bytearray(chunk)
             chunk[at - off:at - off + 32] = bytes(32)
-        await asyncio.to_thread(h.update, chunk)
+        h.update(chunk)
+
+    for off in range(0, stream.size, _HASH_STEP):
+        n = min(_HASH_STEP, stream.size - off)
+        await stream.wait(off + n)
+        await asyncio.to_thread(add, off, n)
     return h.digest()
 
 
 async def _build(art: Artifact, stream: fetch.ArtifactBytes, cache: str, base_name: str,
-                 threads: int) -> int:
-    """Write the cache image into a temporary file, verify, then link it into place."""
+                 threads: int, base_checked: asyncio.Task[None]) -> int:
+    """Write the cache image into a temporary file, verify, then link it into place
+    (once ``base_checked`` has passed)."""
     hashing = asyncio.create_task(_hash_file(art, stream))
-    fd = -1
+    fd = direct_fd = -1
     tmp = ""
     try:
         dcs = await _read_metadata(art, stream)
@@ -274,8 +335,10 @@ async def _build(art: Artifact, stream: fetch.ArtifactBytes, cache: str, base_na
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache),
                                    prefix=f".{os.path.basename(cache)}.", suffix=".tmp")
         os.fchmod(fd, 0o644)  # as bootcache create makes images, not mkstemp's 0600
-        # Synced as it goes: writeback overlaps the download, not the end.
-        writer = seqwrite.SequentialWriter(fd, layout, sync_every=16 << 20)
+        direct_fd = seqwrite.open_direct(tmp)
+        # Around the page cache where the file system allows (see open_direct);
+        # else synced as it goes, so writeback overlaps the download, not the end.
+        writer = seqwrite.SequentialWriter(fd, layout, sync_every=16 << 20, direct_fd=direct_fd)
         writer.write_metadata(seqwrite.metadata(layout))
         log.debug("metadata read, %d data clusters; download at %d", len(dcs), stream.available)
         content = await _fill(art, stream, dcs, writer, threads)
@@ -285,12 +348,16 @@ async def _build(art: Artifact, stream: fetch.ArtifactBytes, cache: str, base_na
             raise ImageFormatError(
                 "the artifact does not match its digest (file_sha256): it is corrupt or was "
                 "damaged in transfer; the downloaded copy is discarded")
-        if content != art.digest.content_sha256:
+        if content is not None and content != art.digest.content_sha256:
             raise ImageFormatError("the artifact's data does not match its digest "
                                    "(content_sha256); the downloaded copy is discarded")
-        writer.finish()
-        await asyncio.to_thread(os.fsync, fd)
+        def finish() -> None:
+            writer.finish()
+            os.fsync(fd)
+
+        await asyncio.to_thread(finish)
         log.debug("cache image durable")
+        await base_checked
         os.close(fd)
         fd = -1
         try:
@@ -307,40 +374,60 @@ async def _build(art: Artifact, stream: fetch.ArtifactBytes, cache: str, base_na
             await hashing
         if fd >= 0:
             os.close(fd)
+        if direct_fd >= 0:
+            os.close(direct_fd)
         if tmp:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
 
 async def _fill(art: Artifact, stream: fetch.ArtifactBytes, dcs: list[DataCluster],
-                writer: seqwrite.SequentialWriter, threads: int) -> bytes:
-    """Decompress the data clusters on worker threads and write them in order."""
+                writer: seqwrite.SequentialWriter, threads: int) -> bytes | None:
+    """Decompress the data clusters on worker threads and write them in order;
+    the content digest, unless the clusters verify themselves.
+
+    Three stages overlap: reading batches as they arrive, decompressing them
+    (``threads`` at once), and writing them (one at a time, in order, each
+    batch's write chained to the one before), so a write never holds up the
+    next decompression nor the download."""
     cs = art.cs
     per_batch = max(_BATCH_BYTES // cs, 1)
-    hasher = ContentHasher()
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="unzstd") as pool:
-        pending: deque[tuple[list[DataCluster], Future[list[bytes]]]] = deque()
+    hasher = None if _frame_checksums(art) else ContentHasher()
 
-        def store(batch: list[DataCluster], expanded: list[bytes]) -> None:
-            for dc, data in zip(batch, expanded, strict=True):
+    def store(batch: list[DataCluster], expanded: list[bytes | memoryview]) -> None:
+        for dc, data in zip(batch, expanded, strict=True):
+            if hasher is not None:
                 hasher.add(dc.guest * cs, data)
-                writer.write_data(data)
+            writer.write_data(data)
 
-        async def drain_one() -> None:
-            # In order, off the event loop: the download goes on meanwhile.
-            batch, fut = pending.popleft()
-            await asyncio.to_thread(store, batch, await asyncio.wrap_future(fut))
+    async def write_after(before: asyncio.Task[None] | None, batch: list[DataCluster],
+                          expanded: Future[list[bytes | memoryview]]) -> None:
+        data = await asyncio.wrap_future(expanded)
+        if before is not None:
+            await before
+        await asyncio.to_thread(store, batch, data)
 
-        for first in range(0, len(dcs), per_batch):
-            batch = dcs[first:first + per_batch]
-            start, end = batch[0].start, max(d.end for d in batch)
-            region = await stream.read(start, end - start)
-            pending.append((batch, pool.submit(_expand, art, batch, region, start)))
-            while len(pending) > 2 * threads or (pending and pending[0][1].done()):
-                await drain_one()
-        while pending:
-            await drain_one()
-    return hasher.digest()
+    writes: deque[asyncio.Task[None]] = deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="unzstd") as pool:
+        try:
+            for first in range(0, len(dcs), per_batch):
+                batch = dcs[first:first + per_batch]
+                start, end = batch[0].start, max(d.end for d in batch)
+                region = await stream.read(start, end - start)
+                expanded = pool.submit(_expand, art, batch, region, start)
+                writes.append(asyncio.create_task(
+                    write_after(writes[-1] if writes else None, batch, expanded)))
+                while writes and (len(writes) > 4 * threads or writes[0].done()):
+                    await writes.popleft()  # bounded memory; raises the first failure
+            while writes:
+                await writes.popleft()
+        finally:
+            for task in writes:
+                task.cancel()
+            for task in writes:
+                with contextlib.suppress(BaseException):
+                    await task
+    return None if hasher is None else hasher.digest()
 
 
 def _fsync_dir(path: str) -> None:

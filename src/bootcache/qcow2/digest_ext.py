@@ -23,6 +23,10 @@ _LAYOUT = struct.Struct(">IIQQ32s32s")
 LENGTH = _LAYOUT.size  # 88
 #: Where file_sha256 lies inside the extension's data.
 FILE_SHA256_AT = 24
+#: flags bit 0: every compressed cluster is one zstd frame carrying a content
+#: checksum, so a reader can verify the content as it decompresses instead of
+#: hashing it all again (spec section 14.2).
+FLAG_FRAME_CHECKSUMS = 1
 
 
 @dataclass

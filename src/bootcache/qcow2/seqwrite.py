@@ -17,7 +17,9 @@ host cluster its sector-rounded byte range touches.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import mmap
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -28,6 +30,27 @@ from bootcache.qcow2 import format as fmt
 from bootcache.qcow2.tables import RefBlock
 
 _SECTOR = 512
+#: O_DIRECT writes: offsets, lengths and memory aligned to this (any device's
+#: logical block), from one staging buffer of _STAGE bytes.
+_DIRECT_ALIGN = 4096
+_STAGE = 4 << 20
+
+
+def open_direct(path: str) -> int:
+    """A descriptor writing ``path`` around the page cache, or -1 where the file
+    system does not support that (tmpfs).
+
+    A pulled cache is written once and made durable at once: through the page
+    cache every byte is copied into fresh pages only to be written back before
+    the pull ends, and on a VM whose memory the host has not backed yet those
+    pages cost far more than the disk (BENCHMARKS.md, "Published caches").
+    """
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return -1
+        raise
 
 
 @dataclass
@@ -198,10 +221,16 @@ class SequentialWriter:
 
     def __init__(self, fd: int, layout: Layout,
                  observe: Callable[[bytes | memoryview], None] | None = None,
-                 sync_every: int = 0) -> None:
+                 sync_every: int = 0, direct_fd: int = -1) -> None:
         """``sync_every``: make the file durable after about that many bytes,
-        as it is written (so the last sync has little left to do)."""
+        as it is written (so the last sync has little left to do).
+        ``direct_fd``: the same file opened by ``open_direct``; whole aligned
+        stretches are then written through it, from a staging buffer."""
         self.fd = fd
+        self._direct_fd = direct_fd
+        self._stage = mmap.mmap(-1, _STAGE) if direct_fd >= 0 else None
+        self._staged = 0  # bytes in the staging buffer
+        self._stage_at = 0  # file offset of its first byte
         self.layout = layout
         self._observe = observe
         self._sync_every = sync_every
@@ -231,6 +260,14 @@ class SequentialWriter:
             raise ValueError("sequential writer: not every data cluster was written")
         self._pad_to(self.layout.file_length)
         self._drain()
+        if self._stage is not None:
+            whole = self._staged - self._staged % _DIRECT_ALIGN
+            view = memoryview(self._stage)
+            _pwrite_all(self._direct_fd, view[:whole], self._stage_at)
+            _pwrite_all(self.fd, view[whole:self._staged], self._stage_at + whole)
+            view.release()
+            self._stage.close()
+            self._stage = None
         os.ftruncate(self.fd, self.layout.file_length)
 
     def _pad_to(self, offset: int) -> None:
@@ -247,6 +284,9 @@ class SequentialWriter:
             self._drain()
 
     def _drain(self) -> None:
+        if self._stage is not None:
+            self._drain_direct(self._stage)
+            return
         at = self._pos - self._pending_bytes
         views = [memoryview(p) for p in self._pending]
         while views:
@@ -263,3 +303,26 @@ class SequentialWriter:
         if self._sync_every and self._unsynced >= self._sync_every:
             os.fdatasync(self.fd)
             self._unsynced = 0
+
+    def _drain_direct(self, stage: mmap.mmap) -> None:
+        for piece in self._pending:
+            view = memoryview(piece).cast("B")
+            while view:
+                n = min(len(view), _STAGE - self._staged)
+                stage[self._staged:self._staged + n] = view[:n]
+                self._staged += n
+                view = view[n:]
+                if self._staged == _STAGE:
+                    _pwrite_all(self._direct_fd, stage, self._stage_at)
+                    self._stage_at += _STAGE
+                    self._staged = 0
+        self._pending = []
+        self._pending_bytes = 0
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview | mmap.mmap, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, at)
+        at += done
+        view = view[done:]

@@ -1,8 +1,12 @@
 """Local file byte source: pread/pwrite on a file descriptor.
 
-Reads and writes are issued directly from the event loop: on a local file
-they are page-cache copies that finish in microseconds, far cheaper than a
-thread hop. Only fdatasync, which can block for long, goes to a thread.
+Reads and small writes are issued directly from the event loop: on a local
+file they are page-cache copies that finish in microseconds, far cheaper
+than a thread hop. Large writes (a cache storing what it fetched) and
+fdatasync, which can block for long, go to a thread: a write into fresh
+page-cache pages can take milliseconds per MiB (on a VM whose host backs
+its memory on first touch: BENCHMARKS.md, "Pull time after the pipeline
+rework"), and the event loop would spend them not serving reads.
 """
 
 from __future__ import annotations
@@ -10,15 +14,31 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from typing import Any
 
 from bootcache.errors import SourceError
 from bootcache.sources.base import ByteSource
 from bootcache.sources.locking import Perm, lock_image, unlock_image
 
+#: Writes of at least this many bytes are made on a worker thread.
+THREAD_WRITE_BYTES = 256 << 10
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc: Any = None
+
+
+def _loop_running() -> bool:
+    """Whether an event loop drives this coroutine (commands that step the engine
+    without one, block/sync.py, never import asyncio, and write inline)."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
@@ -95,7 +115,12 @@ class FileSource(ByteSource):
             offset += n
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self.pwrite_now(offset, data)
+        if len(data) >= THREAD_WRITE_BYTES and _loop_running():
+            import asyncio
+
+            await asyncio.to_thread(self.pwrite_now, offset, data)
+        else:
+            self.pwrite_now(offset, data)
 
     async def flush(self) -> None:
         # Imported here: commands that only read a local image run without an
