@@ -370,7 +370,9 @@ class CacheLayer(BlockLayer):
         reads are safe beside the cache's own stores and evictions."""
         await self.settle()
         await self.flush()
-        return self.img
+        if not isinstance(self.store, Qcow2CacheStore):
+            raise ImageFormatError("only a qcow2 cache image can be published")
+        return self.store.img
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         return await self.store.block_status(offset, length)
