@@ -1,0 +1,340 @@
+"""HTTP requests through libcurl (pycurl): the transport under the HTTP and S3 sources.
+
+One ``CurlMulti`` per source runs every request; libcurl keeps the
+connections (keep-alive), and a share handle keeps DNS answers and TLS
+sessions across its easy handles. The multi handle is driven by the
+asyncio loop itself: libcurl tells which sockets to watch and when its
+timer fires (``M_SOCKETFUNCTION``, ``M_TIMERFUNCTION``), the loop calls
+``socket_action`` when one is ready, and pycurl releases the GIL while
+libcurl reads, parses and (for https) decrypts. So a request costs the
+loop a handful of C calls, not an HTTP parser written in Python.
+
+Only the transport lives here: a request returns the final status, the
+headers and at most ``limit`` body bytes (a longer body is cut off and
+flagged, never handed over as if complete). What a status or a short body
+means (retry, give up, a changed object) is decided by the sources and the
+policy in resilience.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pycurl  # type: ignore[import-untyped]
+
+from bootcache.errors import SourceError
+from bootcache.sources.resilience import TransientError
+
+# libcurl errors that another attempt cannot fix: bad URL or protocol, a
+# redirect loop, certificates and TLS set-up refused.
+_PERMANENT = frozenset({
+    pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT, pycurl.E_TOO_MANY_REDIRECTS,
+    pycurl.E_SSL_CERTPROBLEM, pycurl.E_SSL_CIPHER, pycurl.E_PEER_FAILED_VERIFICATION,
+    pycurl.E_SSL_CACERT_BADFILE, pycurl.E_SSL_ENGINE_NOTFOUND, pycurl.E_SSL_ISSUER_ERROR,
+    pycurl.E_SSL_PINNEDPUBKEYNOTMATCH, pycurl.E_SSL_INVALIDCERTSTATUS,
+})
+# libcurl reads up to this much per receive call: a 64 KiB-1 MiB body then
+# reaches Python in one or a few pieces.
+_BUFFER_SIZE = 1 << 20
+
+
+class TransferFailed(Exception):
+    """A request that got no complete reply (libcurl's error code and text)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message or f"libcurl error {code}")
+        self.code = code
+        #: True when retrying cannot help (certificates, malformed URLs).
+        self.permanent = code in _PERMANENT
+
+    def as_source_error(self, name: str, what: str) -> SourceError:
+        """The failure as the sources' policy classes it: permanent or worth a retry."""
+        kind = SourceError if self.permanent else TransientError
+        return kind(f"{name}: {what}: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The final response of a request (after redirects)."""
+
+    status: int
+    #: The status line's reason phrase ("Not Found"), if any.
+    reason: str
+    #: Header names in lower case; a repeated header keeps its last value.
+    headers: dict[str, str]
+    body: bytes
+    #: The body was longer than the request's ``limit`` and was cut off.
+    overflow: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CurlSettings:
+    """How the transport connects; fixed for the life of a source."""
+
+    connect_timeout: float
+    #: One request, whole reply included (the policy's attempt timeout is the
+    #: real limit; this is libcurl's own backstop).
+    timeout: float
+    #: Sent with every request, as "Name: value" lines.
+    headers: tuple[str, ...] = ()
+    user_agent: str = "bootcache"
+    #: None: no proxy (the environment is read by the source, once).
+    proxy: str | None = None
+    ca_file: str | None = None
+    insecure: bool = False
+    #: Connections kept open for reuse.
+    max_connections: int = 8
+
+
+def _system_ca_paths() -> tuple[str | None, str | None]:
+    """The system's CA bundle and directory, as the system OpenSSL finds them
+    (the wheel's libcurl looks in another distribution's place)."""
+    paths = ssl.get_default_verify_paths()
+    return paths.cafile or paths.openssl_cafile, paths.capath or paths.openssl_capath
+
+
+class _Exchange:
+    """One easy handle, reused request after request, and what it received."""
+
+    __slots__ = ("chunks", "easy", "future", "headers", "limit", "lines", "overflow", "received",
+                 "url")
+
+    def __init__(self, easy: pycurl.Curl) -> None:
+        self.easy = easy
+        self.lines: list[bytes] = []
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.limit = 0
+        self.overflow = False
+        self.future: asyncio.Future[Reply] | None = None
+        self.url: str | None = None
+        self.headers: Sequence[str] | None = None
+        easy.setopt(pycurl.WRITEFUNCTION, self.write)
+        easy.setopt(pycurl.HEADERFUNCTION, self.lines.append)
+
+    def begin(self, limit: int, future: asyncio.Future[Reply]) -> None:
+        self.lines.clear()
+        self.chunks = []
+        self.received = 0
+        self.limit = limit
+        self.overflow = False
+        self.future = future
+
+    def write(self, chunk: bytes) -> int | None:
+        received = self.received + len(chunk)
+        if received > self.limit:
+            self.overflow = True
+            return 0  # more than asked for: stop the transfer here
+        self.chunks.append(chunk)
+        self.received = received
+        return None
+
+    def reply(self) -> Reply:
+        status = self.easy.getinfo(pycurl.RESPONSE_CODE)
+        headers: dict[str, str] = {}
+        reason = ""
+        for raw in self.lines:
+            line = raw.decode("latin-1")
+            if line.startswith("HTTP/"):
+                headers = {}  # a redirect's or a 100 Continue's headers are not the reply's
+                reason = line.strip().partition(" ")[2].partition(" ")[2]
+                continue
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        chunks = self.chunks
+        # One piece (the usual case for a cluster) is handed over without a copy.
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return Reply(status, reason, headers, body, self.overflow)
+
+
+class CurlTransport:
+    """Runs requests for one source on the running asyncio loop.
+
+    Concurrency is bounded by the caller (the source's request slots); the
+    transport keeps an easy handle per request in flight and reuses them.
+    """
+
+    def __init__(self, settings: CurlSettings) -> None:
+        self.settings = settings
+        self._loop = asyncio.get_running_loop()
+        self._share = pycurl.CurlShare()
+        self._share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_DNS)
+        self._share.setopt(pycurl.SH_SHARE, pycurl.LOCK_DATA_SSL_SESSION)
+        self._multi = pycurl.CurlMulti()
+        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self._multi.setopt(pycurl.M_MAXCONNECTS, settings.max_connections)
+        self._idle: list[_Exchange] = []
+        self._running: dict[pycurl.Curl, _Exchange] = {}
+        self._watched: dict[int, int] = {}  # fd -> pycurl.POLL_* bits being watched
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._ca_file, self._ca_path = _system_ca_paths()
+
+    # -- requests -----------------------------------------------------------
+
+    async def get(self, url: str, *, start: int, end: int, limit: int,
+                  headers: Sequence[str] = ()) -> Reply:
+        """GET bytes ``start``-``end`` (inclusive); at most ``limit`` body bytes are kept."""
+        return await self._request(url, f"{start}-{end}", limit, headers)
+
+    async def get_all(self, url: str, *, limit: int, headers: Sequence[str] = ()) -> Reply:
+        """A GET without a range (the caller names its own Range header if any)."""
+        return await self._request(url, None, limit, headers)
+
+    async def head(self, url: str, headers: Sequence[str] = ()) -> Reply:
+        exchange = self._new_exchange()
+        exchange.easy.setopt(pycurl.NOBODY, 1)
+        try:
+            return await self._run(exchange, url, None, 0, headers)
+        finally:
+            # HEAD is rare (version checks): its handle is not pooled with the GETs.
+            exchange.easy.close()
+
+    async def _request(self, url: str, byte_range: str | None, limit: int,
+                       headers: Sequence[str]) -> Reply:
+        exchange = self._idle.pop() if self._idle else self._new_exchange()
+        try:
+            return await self._run(exchange, url, byte_range, limit, headers)
+        finally:
+            # Done, failed or cancelled, the handle has left the multi: reuse it.
+            if not self._closed:
+                self._idle.append(exchange)
+
+    async def _run(self, exchange: _Exchange, url: str, byte_range: str | None, limit: int,
+                   headers: Sequence[str]) -> Reply:
+        if self._closed:
+            raise TransferFailed(0, "transport is closed")
+        easy = exchange.easy
+        if url != exchange.url:
+            easy.setopt(pycurl.URL, url)
+            exchange.url = url
+        if headers != exchange.headers:
+            easy.setopt(pycurl.HTTPHEADER, [*self.settings.headers, *headers])
+            exchange.headers = headers
+        if byte_range is None:
+            easy.unsetopt(pycurl.RANGE)
+        else:
+            easy.setopt(pycurl.RANGE, byte_range)
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        exchange.begin(limit, future)
+        self._running[easy] = exchange
+        self._multi.add_handle(easy)
+        try:
+            return await future
+        except BaseException:
+            # Cancelled (the attempt timed out) or failed: the handle leaves the
+            # multi, which closes its connection if the reply was not complete.
+            if self._running.pop(easy, None) is not None:
+                self._multi.remove_handle(easy)
+            raise
+
+    def _new_exchange(self) -> _Exchange:
+        s = self.settings
+        easy = pycurl.Curl()
+        easy.setopt(pycurl.NOSIGNAL, 1)
+        easy.setopt(pycurl.SHARE, self._share)
+        easy.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        easy.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        easy.setopt(pycurl.FOLLOWLOCATION, 1)
+        easy.setopt(pycurl.MAXREDIRS, 10)
+        easy.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+        easy.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(s.connect_timeout * 1000)))
+        easy.setopt(pycurl.TIMEOUT_MS, max(1, int(s.timeout * 1000)))
+        # A peer that stops sending fails the request like a read timeout would.
+        easy.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+        easy.setopt(pycurl.LOW_SPEED_TIME, max(1, round(s.timeout)))
+        easy.setopt(pycurl.TCP_KEEPALIVE, 1)
+        easy.setopt(pycurl.BUFFERSIZE, _BUFFER_SIZE)
+        easy.setopt(pycurl.USERAGENT, s.user_agent)
+        easy.setopt(pycurl.PROXY, s.proxy or "")  # "" also ignores libcurl's own env look-up
+        if s.insecure:
+            easy.setopt(pycurl.SSL_VERIFYPEER, 0)
+            easy.setopt(pycurl.SSL_VERIFYHOST, 0)
+        else:
+            ca_file = s.ca_file or self._ca_file
+            if ca_file:
+                easy.setopt(pycurl.CAINFO, ca_file)
+            if self._ca_path:
+                easy.setopt(pycurl.CAPATH, self._ca_path)
+        return _Exchange(easy)
+
+    # -- driving the multi handle from the loop ------------------------------
+
+    def _on_socket(self, what: int, fd: int, multi: object, data: object) -> None:
+        loop = self._loop
+        before = self._watched.get(fd, 0)
+        now = 0 if what == pycurl.POLL_REMOVE else what
+        if (before ^ now) & pycurl.POLL_IN:
+            if now & pycurl.POLL_IN:
+                loop.add_reader(fd, self._action, fd, pycurl.CSELECT_IN)
+            else:
+                loop.remove_reader(fd)
+        if (before ^ now) & pycurl.POLL_OUT:
+            if now & pycurl.POLL_OUT:
+                loop.add_writer(fd, self._action, fd, pycurl.CSELECT_OUT)
+            else:
+                loop.remove_writer(fd)
+        if now:
+            self._watched[fd] = now
+        else:
+            self._watched.pop(fd, None)
+
+    def _on_timer(self, timeout_ms: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if timeout_ms >= 0:
+            # Never call back into libcurl from inside its own callback.
+            self._timer = self._loop.call_later(
+                timeout_ms / 1000, self._action, pycurl.SOCKET_TIMEOUT, 0)
+
+    def _action(self, fd: int, events: int) -> None:
+        if self._closed:
+            return
+        if fd == pycurl.SOCKET_TIMEOUT:
+            self._timer = None
+        self._multi.socket_action(fd, events)
+        while True:
+            queued, ok, failed = self._multi.info_read()
+            for easy in ok:
+                self._finish(easy, None)
+            for easy, code, message in failed:
+                self._finish(easy, (code, message))
+            if not queued:
+                return
+
+    def _finish(self, easy: pycurl.Curl, error: tuple[int, str] | None) -> None:
+        exchange = self._running.pop(easy, None)
+        self._multi.remove_handle(easy)
+        if exchange is None or exchange.future is None or exchange.future.done():
+            return
+        if error is not None and not (error[0] == pycurl.E_WRITE_ERROR and exchange.overflow):
+            exchange.future.set_exception(TransferFailed(*error))
+        else:
+            exchange.future.set_result(exchange.reply())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for easy in list(self._running):
+            self._multi.remove_handle(easy)
+        for fd in list(self._watched):
+            self._on_socket(pycurl.POLL_REMOVE, fd, None, None)
+        for exchange in self._running.values():
+            if exchange.future is not None and not exchange.future.done():
+                exchange.future.set_exception(TransferFailed(0, "transport closed"))
+            exchange.easy.close()
+        self._running.clear()
+        for exchange in self._idle:
+            exchange.easy.close()
+        self._idle.clear()
+        self._multi.close()
+        self._share.close()
