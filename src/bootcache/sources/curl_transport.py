@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,6 +89,16 @@ class CurlSettings:
     insecure: bool = False
     #: Connections kept open for reuse.
     max_connections: int = 8
+
+
+def proxy_from_environment(url: str) -> str | None:
+    """The proxy HTTP(S)_PROXY and NO_PROXY name for ``url`` now (None: direct)."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
+            parts.hostname or "", proxies):
+        return None
+    return proxies.get(parts.scheme)
 
 
 def _system_ca_paths() -> tuple[str | None, str | None]:

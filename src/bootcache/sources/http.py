@@ -24,12 +24,16 @@ import base64
 import netrc
 import os
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
 from bootcache.errors import SourceError
-from bootcache.sources.curl_transport import CurlSettings, CurlTransport, TransferFailed
+from bootcache.sources.curl_transport import (
+    CurlSettings,
+    CurlTransport,
+    TransferFailed,
+    proxy_from_environment,
+)
 from bootcache.sources.resilience import (
     RemoteOptions,
     RemoteSource,
@@ -48,10 +52,7 @@ def _environment(url: str) -> tuple[str | None, str | None]:
     value from ~/.netrc (or $NETRC), as the environment says now."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
-    proxies = urllib.request.getproxies_environment()
-    proxy = None
-    if not urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
-        proxy = proxies.get(parts.scheme)
+    proxy = proxy_from_environment(url)
     auth = None
     if parts.username is None:
         path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
