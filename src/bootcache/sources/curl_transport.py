@@ -186,6 +186,8 @@ class CurlTransport:
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._ca_file, self._ca_path = _system_ca_paths()
+        #: Connections opened so far (keep-alive keeps this low).
+        self.connects = 0
 
     # -- requests -----------------------------------------------------------
 
@@ -322,6 +324,7 @@ class CurlTransport:
 
     def _finish(self, easy: pycurl.Curl, error: tuple[int, str] | None) -> None:
         exchange = self._running.pop(easy, None)
+        self.connects += easy.getinfo(pycurl.NUM_CONNECTS)
         self._multi.remove_handle(easy)
         if exchange is None or exchange.future is None or exchange.future.done():
             return

@@ -187,6 +187,9 @@ class HttpSource(RemoteSource):
             raise TransientError(f"{self.name}: {what}: reply longer than {length} bytes")
         return check_body(self.name, what, r.body, length)
 
+    def stats(self) -> dict[str, int | float]:
+        return {**super().stats(), "connections": self._transport.connects}
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True

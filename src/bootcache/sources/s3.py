@@ -241,6 +241,9 @@ class S3Source(RemoteSource):
             raise TransientError(f"{self.name}: {what}: HTTP {r.status} {code}")
         check_status(self.name, what, r.status, code or r.reason)
 
+    def stats(self) -> dict[str, int | float]:
+        return {**super().stats(), "connections": self._transport.connects}
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
