@@ -181,6 +181,7 @@ class CurlTransport:
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
         self._multi.setopt(pycurl.M_MAXCONNECTS, settings.max_connections)
         self._idle: list[_Exchange] = []
+        self._idle_head: list[_Exchange] = []
         self._running: dict[pycurl.Curl, _Exchange] = {}
         self._watched: dict[int, int] = {}  # fd -> pycurl.POLL_* bits being watched
         self._timer: asyncio.TimerHandle | None = None
@@ -201,13 +202,17 @@ class CurlTransport:
         return await self._request(url, None, limit, headers)
 
     async def head(self, url: str, headers: Sequence[str] = ()) -> Reply:
-        exchange = self._new_exchange()
-        exchange.easy.setopt(pycurl.NOBODY, 1)
+        # HEADs have handles of their own (NOBODY stays set on them).
+        if self._idle_head:
+            exchange = self._idle_head.pop()
+        else:
+            exchange = self._new_exchange()
+            exchange.easy.setopt(pycurl.NOBODY, 1)
         try:
             return await self._run(exchange, url, None, 0, headers)
         finally:
-            # HEAD is rare (version checks): its handle is not pooled with the GETs.
-            exchange.easy.close()
+            if not self._closed:
+                self._idle_head.append(exchange)
 
     async def _request(self, url: str, byte_range: str | None, limit: int,
                        headers: Sequence[str]) -> Reply:
@@ -238,6 +243,9 @@ class CurlTransport:
         exchange.begin(limit, future)
         self._running[easy] = exchange
         self._multi.add_handle(easy)
+        # Start it now (on a kept-alive connection: send the request) rather
+        # than one loop iteration later from the timer libcurl just set.
+        self._action(pycurl.SOCKET_TIMEOUT, 0)
         try:
             return await future
         except BaseException:
@@ -310,7 +318,8 @@ class CurlTransport:
     def _action(self, fd: int, events: int) -> None:
         if self._closed:
             return
-        if fd == pycurl.SOCKET_TIMEOUT:
+        if fd == pycurl.SOCKET_TIMEOUT and self._timer is not None:
+            self._timer.cancel()
             self._timer = None
         self._multi.socket_action(fd, events)
         while True:
@@ -339,17 +348,18 @@ class CurlTransport:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        for easy in list(self._running):
-            self._multi.remove_handle(easy)
-        for fd in list(self._watched):
-            self._on_socket(pycurl.POLL_REMOVE, fd, None, None)
-        for exchange in self._running.values():
+        running = list(self._running.values())
+        self._running.clear()
+        for exchange in running:
+            self._multi.remove_handle(exchange.easy)
             if exchange.future is not None and not exchange.future.done():
                 exchange.future.set_exception(TransferFailed(0, "transport closed"))
-            exchange.easy.close()
-        self._running.clear()
-        for exchange in self._idle:
+        for fd in list(self._watched):
+            self._on_socket(pycurl.POLL_REMOVE, fd, None, None)
+        # Closing the multi closes the kept connections, then the handles go.
+        self._multi.close()
+        for exchange in [*running, *self._idle, *self._idle_head]:
             exchange.easy.close()
         self._idle.clear()
-        self._multi.close()
+        self._idle_head.clear()
         self._share.close()
