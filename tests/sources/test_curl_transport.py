@@ -174,7 +174,7 @@ def test_s3_reads_reuse_connections_and_see_a_replacement(weed: WeedServer) -> N
                 assert await src.pread(i * 777, 1000) == data[i * 777:i * 777 + 1000]
             stats = src.stats()
             assert stats["requests"] >= 150 and stats["errors"] == 0
-            assert stats["connections"] <= 4
+            assert stats["connections_opened"] <= 4
             # Replaced between two requests of the same source: the next one fails.
             await asyncio.to_thread(put_s3, weed, "images", "curl.img", os.urandom(1 << 20))
             with pytest.raises(SourceChangedError):

@@ -146,17 +146,15 @@ class _Exchange:
 
     def reply(self) -> Reply:
         status = self.easy.getinfo(pycurl.RESPONSE_CODE)
+        # Only the last response counts (not a redirect's nor a 100 Continue's).
+        text = b"".join(self.lines).decode("latin-1")
+        head = text[text.rfind("\nHTTP/") + 1:].split("\r\n")
+        reason = head[0].partition(" ")[2].partition(" ")[2]
         headers: dict[str, str] = {}
-        reason = ""
-        for raw in self.lines:
-            line = raw.decode("latin-1")
-            if line.startswith("HTTP/"):
-                headers = {}  # a redirect's or a 100 Continue's headers are not the reply's
-                reason = line.strip().partition(" ")[2].partition(" ")[2]
-                continue
+        for line in head[1:]:
             name, sep, value = line.partition(":")
             if sep:
-                headers[name.strip().lower()] = value.strip()
+                headers[name.lower()] = value.strip()
         chunks = self.chunks
         # One piece (the usual case for a cluster) is handed over without a copy.
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -188,7 +188,7 @@ class HttpSource(RemoteSource):
         return check_body(self.name, what, r.body, length)
 
     def stats(self) -> dict[str, int | float]:
-        return {**super().stats(), "connections": self._transport.connects}
+        return {**super().stats(), "connections_opened": self._transport.connects}
 
     async def close(self) -> None:
         if not self._closed:

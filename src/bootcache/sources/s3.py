@@ -242,7 +242,7 @@ class S3Source(RemoteSource):
         check_status(self.name, what, r.status, code or r.reason)
 
     def stats(self) -> dict[str, int | float]:
-        return {**super().stats(), "connections": self._transport.connects}
+        return {**super().stats(), "connections_opened": self._transport.connects}
 
     async def close(self) -> None:
         if not self._closed:
