@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import selectors
 import socket
@@ -32,8 +33,9 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pycurl  # type: ignore[import-untyped]
 
@@ -53,6 +55,10 @@ _PERMANENT = frozenset({
 # libcurl reads up to this much per receive call: a 64 KiB-1 MiB body then
 # reaches Python in one or a few pieces.
 _BUFFER_SIZE = 1 << 20
+
+
+class _LoopGone(Exception):
+    """The event loop a transport answers to has closed."""
 
 
 class TransferFailed(Exception):
@@ -328,6 +334,8 @@ class CurlTransport:
         try:
             while self._serve_once():
                 pass
+        except _LoopGone:
+            self._closed = True  # nobody left to answer (the loop closed first)
         except BaseException as e:  # a bug here must not leave readers waiting forever
             log.exception("libcurl worker failed")
             failure = TransferFailed(0, f"libcurl worker failed: {e!r}")
@@ -335,7 +343,14 @@ class CurlTransport:
                 (x, failure) for x in self._running.values()]
             self._closed = True
             if done:
-                self._loop.call_soon_threadsafe(self._deliver, done)
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self._deliver, done)
+
+    def _to_loop(self, callback: Callable[[Any], None], arg: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, arg)
+        except RuntimeError as e:  # the loop is closed: a source that was never closed
+            raise _LoopGone from e
 
     def _serve_once(self) -> bool:
         """Wait for sockets, the timer or the loop; run libcurl; hand back replies."""
@@ -369,9 +384,9 @@ class CurlTransport:
                 started = True
             elif self._running.pop(exchange.easy, None) is not None:
                 multi.remove_handle(exchange.easy)
-                self._loop.call_soon_threadsafe(self._released, exchange)
+                self._to_loop(self._released, exchange)
             else:  # finished meanwhile; its reply was dropped
-                self._loop.call_soon_threadsafe(self._released, exchange)
+                self._to_loop(self._released, exchange)
         if started or (self._deadline is not None and time.monotonic() >= self._deadline):
             self._deadline = None
             multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
@@ -385,7 +400,7 @@ class CurlTransport:
             if not queued:
                 break
         if done:
-            self._loop.call_soon_threadsafe(self._deliver, done)
+            self._to_loop(self._deliver, done)
         return True
 
     def _finish(self, easy: pycurl.Curl, error: tuple[int, str] | None,
