@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bootcache.nbd.client import NbdConnection, parse_nbd_uri
 from bootcache.storm.nodes import Process, bootcache_serve, create_cache, need
-from bootcache.storm.trace import debian12, load
+from bootcache.storm.trace import debian12, load_named
 from remote_read import compact, start_http, start_s3, workdir
 
 
@@ -113,9 +113,9 @@ def main() -> None:
     ap.add_argument("--readers", default="1,8")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--s3", action="store_true", help="also a cache over S3 (SeaweedFS)")
-    ap.add_argument("--trace", help="a boot trace file (default: the Debian 12 one)")
+    ap.add_argument("--trace", help="a shipped trace or a trace file")
     args = ap.parse_args()
-    trace = load(args.trace) if args.trace else debian12()
+    trace = load_named(args.trace) if args.trace else debian12()
     requests, size = compact(trace)
     rows = []
     with workdir(False) as work:

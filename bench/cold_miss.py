@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bootcache.layers.cache import CacheLayer
 from bootcache.layers.chain import open_layer
-from bootcache.storm.trace import debian12, load
+from bootcache.storm.trace import debian12, load_named
 from remote_read import compact, make_cache, start_http, workdir
 
 PHASES = ("fetch", "store", "metadata")
@@ -147,13 +147,13 @@ def main() -> None:
     ap.add_argument("--source", default="file,http")
     ap.add_argument("--readers", default="1,8")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--trace", help="a boot trace file (default: the Debian 12 one)")
+    ap.add_argument("--trace", help="a shipped trace or a trace file")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     ap.add_argument("--plain", action="store_true",
                     help="no phase split (for running under a sampling profiler)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    trace = load(args.trace) if args.trace else debian12()
+    trace = load_named(args.trace) if args.trace else debian12()
     requests, size = compact(trace)
     runner: Callable[[Any], Any] = asyncio.run
     if args.loop == "uvloop":

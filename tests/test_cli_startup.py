@@ -19,7 +19,7 @@ from bootcache.cli.main import COMMANDS, cli
 from daemon.conftest import Daemon
 
 # Never for a command that neither serves nor reaches a remote base.
-HEAVY = ["aiohttp", "aiobotocore", "botocore", "matplotlib", "uvloop", "zstandard",
+HEAVY = ["aiohttp", "aiobotocore", "botocore", "pycurl", "matplotlib", "uvloop", "zstandard",
          "prometheus_client", "qemu.qmp", "bootcache.nbd.server", "bootcache.daemon.service",
          "bootcache.storm.bench", "bootcache.sources.http", "bootcache.sources.s3",
          "bootcache.layers.cache"]

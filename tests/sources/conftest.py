@@ -154,13 +154,15 @@ http {{
         location /norange/ {{ alias {root}/; max_ranges 0; }}
         # Slow replies, so a test can stop the server in the middle of one.
         location /slow/ {{ alias {root}/; limit_rate {slow_rate}; }}
+        # An overloaded server: every request gets 503.
+        location /unavailable/ {{ return 503; }}
     }}
 }}
 """
 
 
 class NginxServer(Daemon):
-    """nginx serving ``root`` at http://127.0.0.1:PORT/ (+ /norange/ and /slow/)."""
+    """nginx serving ``root`` at http://127.0.0.1:PORT/ (+ /norange/, /slow/, /unavailable/)."""
 
     def __init__(self, workdir: Path, *, slow_rate: str = "1m",
                  tls_dir: Path | None = None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, fields, replace
@@ -236,6 +237,45 @@ def check_body(name: str, what: str, data: bytes, expected: int) -> bytes:
         raise TransientError(
             f"{name}: {what}: got {len(data)} bytes, expected {expected} (truncated reply)")
     return data
+
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+# Worth retrying: the server or something in front of it is overloaded or
+# restarting (408 request timeout, 425 too early, 429 throttled, 5xx).
+_TRANSIENT_STATUS = frozenset({408, 425, 429})
+
+
+def check_status(name: str, what: str, status: int, detail: str = "") -> None:
+    """Raise for an HTTP status other than 200/206: 412 means the object
+    changed (never retried), 408/425/429/5xx are transient, the rest permanent."""
+    if status in (200, 206):
+        return
+    text = f"{name}: {what}: HTTP {status} {detail}".rstrip()
+    if status == 412:
+        raise SourceChangedError(f"{text}: the object changed since it was opened")
+    if status in _TRANSIENT_STATUS or status >= 500 or status == 0:
+        raise TransientError(text)
+    raise SourceError(text)
+
+
+def content_range_total(header: str | None) -> int | None:
+    """The object size a ``Content-Range: bytes a-b/total`` names (None: unknown)."""
+    m = _CONTENT_RANGE.match(header or "")
+    return int(m.group(3)) if m and m.group(3) != "*" else None
+
+
+def check_content_range(name: str, what: str, header: str | None,
+                        start: int, end: int, size: int) -> None:
+    """A 206 must carry exactly the range asked for, of an object of the size
+    seen at open: another total means the object was replaced."""
+    m = _CONTENT_RANGE.match(header or "")
+    if not m:
+        raise TransientError(f"{name}: {what}: bad Content-Range {header!r}")
+    if m.group(3) != "*" and int(m.group(3)) != size:
+        raise SourceChangedError(
+            f"{name}: {what}: object size is now {m.group(3)}, was {size}")
+    if (int(m.group(1)), int(m.group(2))) != (start, end):
+        raise TransientError(f"{name}: {what}: server sent range {header!r}")
 
 
 def clamp_read(size: int, offset: int, length: int) -> tuple[int, int]:

@@ -11,6 +11,11 @@ prefer AWS_REGION, so AWS_REGION is honoured first here. Explicit options
 Retries are ours (see resilience.py), not botocore's, so a dead endpoint
 obeys one deadline. Every read carries If-Match with the ETag seen at open:
 a replaced object fails with SourceChangedError, never a mix of versions.
+
+Metadata (HeadObject) goes through aiobotocore; ranged reads go through
+libcurl (sources/curl_transport.py) on a presigned GetObject URL that is
+signed by the same client and reused for a minute: signing costs more CPU
+than the rest of a request, and Range and If-Match need not be signed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -27,16 +33,28 @@ from aiobotocore.session import AioSession  # type: ignore[import-untyped]
 from botocore import UNSIGNED
 
 from bootcache.errors import SourceError
+from bootcache.sources.curl_transport import (
+    CurlSettings,
+    CurlTransport,
+    Reply,
+    TransferFailed,
+    proxy_from_environment,
+)
 from bootcache.sources.resilience import (
     RemoteOptions,
     RemoteSource,
     SourceChangedError,
     TransientError,
     check_body,
+    check_content_range,
+    check_status,
     describe,
 )
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_ERROR_CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
+# A presigned read URL is valid this long and re-signed when this old.
+_URL_EXPIRES = 900
+_URL_REUSE = 60.0
 # Error codes S3 and compatible stores use for "slow down / try again".
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "RequestTimeout", "RequestTimeoutException", "Throttling",
@@ -95,7 +113,8 @@ async def open_client(url: str, stack: contextlib.AsyncExitStack, options: Remot
         connect_timeout=options.connect_timeout, read_timeout=options.timeout,
         retries={"total_max_attempts": 1, "mode": "standard"},
         max_pool_connections=options.concurrency, s3=s3_config or None,
-        signature_version=UNSIGNED if anonymous else None)
+        # SigV4 also for presigned URLs (botocore would presign with SigV2).
+        signature_version=UNSIGNED if anonymous else "s3v4")
     region = region or os.environ.get("AWS_REGION") or None
     try:
         return await stack.enter_async_context(session.create_client(
@@ -123,14 +142,18 @@ class S3Source(RemoteSource):
     version_check_interval = 5.0
 
     def __init__(self, url: str, client: Any, stack: contextlib.AsyncExitStack,
-                 options: RemoteOptions, *, if_match: bool = True) -> None:
+                 transport: CurlTransport, options: RemoteOptions, *,
+                 if_match: bool = True) -> None:
         super().__init__(url, options)
         self.url = url
         self.bucket, self.key = parse_s3_url(url)
         self._client = client
         self._stack = stack
+        self._transport = transport
         self._if_match = if_match
-        self._etag: str | None = None
+        self._conditions: tuple[str, ...] = ()
+        self._read_url = ""
+        self._signed_at = -_URL_REUSE
 
     @classmethod
     async def open(cls, url: str, options: RemoteOptions | None = None, *,
@@ -144,13 +167,35 @@ class S3Source(RemoteSource):
         client = await open_client(url, stack, opts, endpoint_url=endpoint_url, region=region,
                                    profile=profile, anonymous=anonymous,
                                    addressing_style=addressing_style)
-        src = cls(url, client, stack, opts, if_match=if_match)
+        endpoint = client.meta.endpoint_url
+        transport = CurlTransport(CurlSettings(
+            connect_timeout=opts.connect_timeout, timeout=opts.timeout,
+            user_agent="bootcache/0.1", proxy=proxy_from_environment(endpoint),
+            # botocore's own variable for a private CA.
+            ca_file=os.environ.get("AWS_CA_BUNDLE") or None,
+            max_connections=opts.concurrency))
+        stack.push_async_callback(transport.close)
+        src = cls(url, client, stack, transport, opts, if_match=if_match)
         await src._learn_version(stack.aclose)
         return src
 
     def _set_identity(self, ident: dict[str, Any]) -> None:
         super()._set_identity(ident)
-        self._etag = ident["etag"] if self._if_match else None
+        etag = ident["etag"] if self._if_match else None
+        self._conditions = (f"If-Match: {etag}",) if etag else ()
+
+    async def _signed_url(self) -> str:
+        """The GetObject URL, presigned by the client (fresh credentials included)."""
+        now = time.monotonic()
+        if now - self._signed_at >= _URL_REUSE:
+            try:
+                self._read_url = await self._client.generate_presigned_url(
+                    "get_object", Params={"Bucket": self.bucket, "Key": self.key},
+                    ExpiresIn=_URL_EXPIRES)
+            except _FAILURES as e:
+                raise _translate(self.name, "signing GetObject", e) from e
+            self._signed_at = now
+        return self._read_url
 
     async def _probe(self) -> dict[str, Any]:
         try:
@@ -167,31 +212,37 @@ class S3Source(RemoteSource):
     async def _fetch(self, offset: int, length: int) -> bytes:
         end = offset + length - 1
         what = f"GetObject bytes={offset}-{end}"
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key,
-                                "Range": f"bytes={offset}-{end}"}
-        if self._etag:
-            args["IfMatch"] = self._etag
+        url = await self._signed_url()
         try:
-            r = await self._client.get_object(**args)
-            async with r["Body"] as body:
-                self._check_content_range(what, r.get("ContentRange"), offset, end)
-                data = await body.read()
-        except _FAILURES as e:
-            raise _translate(self.name, what, e) from e
-        return check_body(self.name, what, data, length)
+            # Room for an error reply's XML even on a short read.
+            r = await self._transport.get(url, start=offset, end=end,
+                                          limit=max(length, 4096), headers=self._conditions)
+        except TransferFailed as e:
+            raise e.as_source_error(self.name, what) from e
+        self._check_status(what, r)
+        if r.status == 200:
+            # No range in the reply: only a read of the whole object may get one.
+            if offset != 0 or length != self._size:
+                raise SourceError(f"{self.name}: {what}: the endpoint ignored Range")
+        else:
+            check_content_range(self.name, what, r.headers.get("content-range"),
+                                offset, end, self._size)
+        if r.overflow:
+            raise TransientError(f"{self.name}: {what}: reply longer than {length} bytes")
+        return check_body(self.name, what, r.body, length)
 
-    def _check_content_range(self, what: str, header: str | None, start: int, end: int) -> None:
-        m = _CONTENT_RANGE.match(header or "")
-        if not m:
-            # Only a whole-object read may come back without a range (as a 200).
-            if header is None and start == 0 and end == self._size - 1:
-                return
-            raise SourceError(f"{self.name}: {what}: bad Content-Range {header!r}")
-        if m.group(3) != "*" and int(m.group(3)) != self._size:
-            raise SourceChangedError(
-                f"{self.name}: {what}: object size is now {m.group(3)}, was {self._size}")
-        if (int(m.group(1)), int(m.group(2))) != (start, end):
-            raise TransientError(f"{self.name}: {what}: server sent range {header!r}")
+    def _check_status(self, what: str, r: Reply) -> None:
+        """S3 names its error in the body (``<Code>SlowDown</Code>``)."""
+        if r.status in (200, 206):
+            return
+        m = _ERROR_CODE.search(r.body)
+        code = m.group(1).decode("ascii", "replace") if m else ""
+        if code in _TRANSIENT_CODES:
+            raise TransientError(f"{self.name}: {what}: HTTP {r.status} {code}")
+        check_status(self.name, what, r.status, code or r.reason)
+
+    def stats(self) -> dict[str, int | float]:
+        return {**super().stats(), "connections_opened": self._transport.connects}
 
     async def close(self) -> None:
         if not self._closed:
