@@ -147,7 +147,14 @@ class NodeDaemon:
             raise BootcacheError(str(e)) from e
 
     async def _listen(self) -> None:
+        # Imported before the NBD socket appears: a client may connect the
+        # moment it does, and importing aiohttp (about 0.1 s of CPU) would
+        # block the loop serving it.
+        from bootcache.daemon.control import ControlServer
+
         cfg = self.cfg
+        if cfg.metrics is not None:
+            from bootcache.daemon.metrics import MetricsServer
         ctx = make_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) \
             if cfg.tls_cert and cfg.tls_key else None
         self.server = server = NBDServer(self.exports, ssl_context=ctx,
@@ -160,16 +167,12 @@ class NodeDaemon:
         for host, port in cfg.listen:
             for addr in await server.listen_tcp(host, port):
                 self.where.append(f"tcp:{addr[0]}:{addr[1]}")
-        from bootcache.daemon.control import ControlServer
-
         control_path = cfg.control_path()
         assert control_path is not None
         self._control = ControlServer(self)
         await self._control.start(control_path)
         self.where.append(f"control:{control_path}")
         if cfg.metrics is not None:
-            from bootcache.daemon.metrics import MetricsServer
-
             self._metrics = MetricsServer(self)
             host, port = await self._metrics.start(*cfg.metrics)
             self.where.append(f"metrics:http://{host}:{port}/metrics")
