@@ -88,6 +88,26 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what}: not ready after {timeout}s")
 
 
+#: QEMU locks byte 100 + bit for each permission it holds; "write" is bit 1.
+QEMU_WRITE_LOCK_BYTE = 101
+
+
+def ofd_locked(path: Path, byte: int) -> bool:
+    """Whether an OFD lock on ``path`` covers ``byte``, read from /proc/locks.
+
+    Polling this never takes a lock itself: probing with a second opener
+    (``qemu-img info``) would race the holder's own locking and can make it
+    fail to open."""
+    ino = f":{path.stat().st_ino}"
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()  # id: OFDLCK ADVISORY READ|WRITE pid dev:inode start end|EOF
+        if "OFDLCK" in fields and len(fields) >= 8 and fields[5].endswith(ino):
+            end = fields[7]
+            if int(fields[6]) <= byte and (end == "EOF" or byte <= int(end)):
+                return True
+    return False
+
+
 # -- bases and caches -----------------------------------------------------------------
 
 def make_base(path: Path, size: int, seed: int | str = 0) -> bytes:

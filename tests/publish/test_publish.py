@@ -20,6 +20,7 @@ from cache.conftest import (
     AUTOCLEAR_CACHE,
     EXT_CACHE,
     QEMU_IO,
+    QEMU_WRITE_LOCK_BYTE,
     Nbdkit,
     assert_qemu_check,
     cache_extension_fields,
@@ -27,6 +28,7 @@ from cache.conftest import (
     create_cache,
     header_facts,
     make_base,
+    ofd_locked,
     qemu_convert_raw,
     wait_for,
 )
@@ -289,11 +291,15 @@ def test_publish_refuses_a_cache_locked_by_another_writer(
     refused by its lock, as before."""
     cache, _ = warm_cache
     holder = subprocess.Popen([QEMU_IO, "-f", "qcow2", cache], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def holding() -> bool:
+        assert holder.poll() is None, holder.communicate()[1]
+        return ofd_locked(cache, QEMU_WRITE_LOCK_BYTE)
+
     try:
         # qemu-io holds the image (and its write lock) until it quits.
-        wait_for(lambda: "lock" in run([QEMU_IMG, "info", cache], check=False).stderr.decode(),
-                 30, "qemu-io's lock")
+        wait_for(holding, 30, "qemu-io's write lock")
         proc = bootcache("cache", "publish", cache, tmp_path / "a.qcow2", check=False)
     finally:
         holder.communicate(b"quit\n", timeout=30)
