@@ -37,9 +37,7 @@ from bootcache.sources.curl_transport import (
 from bootcache.sources.resilience import (
     RemoteOptions,
     RemoteSource,
-    TransientError,
-    check_body,
-    check_content_range,
+    check_ranged_reply,
     check_status,
     content_range_total,
 )
@@ -173,19 +171,8 @@ class HttpSource(RemoteSource):
         except TransferFailed as e:
             raise e.as_source_error(self.name, what) from e
         check_status(self.name, what, r.status, r.reason)
-        if r.status == 200:
-            # The server ignored Range and sends the whole object; the
-            # transport stopped it at the length asked for.
-            if offset != 0 or length != self._size:
-                raise SourceError(
-                    f"{self.name}: {what}: the server ignores Range requests (HTTP 200 with "
-                    "the whole object); bootcache needs byte-range support on HTTP bases")
-        else:
-            check_content_range(self.name, what, r.headers.get("content-range"),
-                                offset, end, self._size)
-        if r.overflow:
-            raise TransientError(f"{self.name}: {what}: reply longer than {length} bytes")
-        return check_body(self.name, what, r.body, length)
+        return check_ranged_reply(self.name, what, r.status, r.headers.get("content-range"),
+                                  r.body, r.overflow, offset, length, self._size)
 
     def stats(self) -> dict[str, int | float]:
         return {**super().stats(), "connections_opened": self._transport.connects}

@@ -264,6 +264,24 @@ def content_range_total(header: str | None) -> int | None:
     return int(m.group(3)) if m and m.group(3) != "*" else None
 
 
+def check_ranged_reply(name: str, what: str, status: int, content_range: str | None,
+                       body: bytes, overflow: bool, offset: int, length: int,
+                       size: int) -> bytes:
+    """The body of a ranged GET whose status passed :func:`check_status`: a 206
+    for exactly the range asked, or a 200 only for a read of the whole object.
+    ``overflow``: the transport cut off a body longer than asked for."""
+    if status == 200:
+        if offset != 0 or length != size:
+            raise SourceError(
+                f"{name}: {what}: the server ignores Range requests (HTTP 200 with the "
+                "whole object); bootcache needs byte-range support on remote bases")
+    else:
+        check_content_range(name, what, content_range, offset, offset + length - 1, size)
+    if overflow:
+        raise TransientError(f"{name}: {what}: reply longer than {length} bytes")
+    return check_body(name, what, body, length)
+
+
 def check_content_range(name: str, what: str, header: str | None,
                         start: int, end: int, size: int) -> None:
     """A 206 must carry exactly the range asked for, of an object of the size

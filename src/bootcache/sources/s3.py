@@ -45,8 +45,7 @@ from bootcache.sources.resilience import (
     RemoteSource,
     SourceChangedError,
     TransientError,
-    check_body,
-    check_content_range,
+    check_ranged_reply,
     check_status,
     describe,
 )
@@ -220,16 +219,8 @@ class S3Source(RemoteSource):
         except TransferFailed as e:
             raise e.as_source_error(self.name, what) from e
         self._check_status(what, r)
-        if r.status == 200:
-            # No range in the reply: only a read of the whole object may get one.
-            if offset != 0 or length != self._size:
-                raise SourceError(f"{self.name}: {what}: the endpoint ignored Range")
-        else:
-            check_content_range(self.name, what, r.headers.get("content-range"),
-                                offset, end, self._size)
-        if r.overflow:
-            raise TransientError(f"{self.name}: {what}: reply longer than {length} bytes")
-        return check_body(self.name, what, r.body, length)
+        return check_ranged_reply(self.name, what, r.status, r.headers.get("content-range"),
+                                  r.body, r.overflow, offset, length, self._size)
 
     def _check_status(self, what: str, r: Reply) -> None:
         """S3 names its error in the body (``<Code>SlowDown</Code>``)."""
