@@ -120,6 +120,17 @@ def cached_content(cache: Path) -> bytes:
     return raw.read_bytes()
 
 
+def assert_holds_only(cache: Path, version: int) -> None:
+    """Every cluster the cache holds is of this version of the base (clusters
+    it does not hold read as zeros)."""
+    held = cached_content(cache)
+    image = version_image(version)
+    for k in range(CLUSTERS):
+        got = held[k * CLUSTER:(k + 1) * CLUSTER]
+        assert got == bytes(CLUSTER) or got == image[k * CLUSTER:(k + 1) * CLUSTER], \
+            f"cluster {k} holds {got[0]}, not version {version}'s {version_byte(version, k)}"
+
+
 def assert_clean(cache: Path) -> None:
     spec = {"driver": "qcow2", "backing": None,
             "file": {"driver": "file", "filename": str(cache)}}
@@ -185,12 +196,7 @@ def test_base_replaced_under_readers_reset(tmp_path: Path, nginx: NginxServer,
     assert d.stop() == 0
     # Promise 4: clean, and every cluster held is of the new version.
     assert_clean(cache)
-    held = cached_content(cache)
-    new = version_image(2)
-    for k in range(CLUSTERS):
-        got = held[k * CLUSTER:(k + 1) * CLUSTER]
-        assert got == bytes(CLUSTER) or got == new[k * CLUSTER:(k + 1) * CLUSTER], \
-            f"cluster {k} of the cache holds {got[0]} (new version: {version_byte(2, k)})"
+    assert_holds_only(cache, 2)
 
 
 def test_base_replaced_under_readers_refuse(tmp_path: Path, nginx: NginxServer,
@@ -213,11 +219,7 @@ def test_base_replaced_under_readers_refuse(tmp_path: Path, nginx: NginxServer,
     assert "refusing (on_stale=refuse)" in d.log()
     assert d.stop() == 0
     assert_clean(cache)
-    held = cached_content(cache)
-    old = version_image(1)
-    for k in range(CLUSTERS):
-        got = held[k * CLUSTER:(k + 1) * CLUSTER]
-        assert got == bytes(CLUSTER) or got == old[k * CLUSTER:(k + 1) * CLUSTER]
+    assert_holds_only(cache, 1)
 
 
 def test_fetch_from_before_the_change_is_not_joined_after_it(tmp_path: Path,
@@ -260,11 +262,7 @@ def test_fetch_from_before_the_change_is_not_joined_after_it(tmp_path: Path,
             old.kill()
         assert d.stop() == 0
         assert_clean(cache)
-        held = cached_content(cache)
-        new = version_image(2)
-        for k in range(CLUSTERS):
-            got = held[k * CLUSTER:(k + 1) * CLUSTER]
-            assert got == bytes(CLUSTER) or got == new[k * CLUSTER:(k + 1) * CLUSTER], k
+        assert_holds_only(cache, 2)
     finally:
         nginx.stop()
 
