@@ -31,72 +31,22 @@ MIRROR=${BOOTCACHE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 DISK_SIZE_MIB=4096
 PART_START_MIB=1
-OUT=$CACHE/$GUEST_VERSION
+BUILD_NAME=build_services_guest
 MARKER="bootcache-trace: boot settled, powering off"
 PACKAGES=linux-image-amd64,systemd-sysv,udev,openssh-server,cron,ifupdown,isc-dhcp-client,dbus,grub-pc-bin
 
-log() { echo "build_services_guest: $*" >&2; }
+# shellcheck source=guest_build_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/guest_build_lib.sh"
 
-if [ -f "$OUT/manifest.txt" ]; then
-  echo "$OUT"
-  exit 0
-fi
-if [ "$(id -u)" != 0 ]; then
-  log "needs root (debootstrap and chroot); $OUT does not exist yet"
-  exit 77
-fi
-for tool in debootstrap mkfs.ext4 chroot flock sfdisk; do
-  command -v "$tool" >/dev/null || { log "$tool not found (sfdisk: apt-get install fdisk)"; exit 77; }
-done
-
-mkdir -p "$CACHE"
-exec 9>"$CACHE/.$GUEST_VERSION.lock"
-flock 9
-if [ -f "$OUT/manifest.txt" ]; then
-  echo "$OUT"
-  exit 0
-fi
-
-unmount_below() {
-  local dir
-  dir=$(realpath -m "$1")
-  awk -v d="$dir/" 'index($2 "/", d) == 1 { print $2 }' /proc/mounts | sort -r |
-    while read -r m; do umount -l "$m" || true; done
-}
-
-remove_build() {
-  unmount_below "$1"
-  rm -rf --one-file-system "$1"
-}
-
-for stale in "$CACHE/.$GUEST_VERSION.build."*; do
-  [ -e "$stale" ] || continue
-  log "removing the interrupted build $stale"
-  remove_build "$stale"
-done
-
-start=$(date +%s)
-work=$(mktemp -d "$CACHE/.$GUEST_VERSION.build.XXXXXX")
-trap 'remove_build "$work"' EXIT
-rootfs=$work/rootfs
-
-log "debootstrap $SUITE from $MIRROR into $rootfs"
-debootstrap --variant=minbase --include="$PACKAGES" \
-  "$SUITE" "$rootfs" "$MIRROR" >"$work/debootstrap.log" 2>&1 || {
-  tail -n 40 "$work/debootstrap.log" >&2
-  log "debootstrap failed"
-  exit 1
-}
-unmount_below "$rootfs"
+guest_build_begin sfdisk  # sfdisk: apt-get install fdisk
+guest_debootstrap "$PACKAGES"
 
 log "configuring the guest"
 uuid=$(cat /proc/sys/kernel/random/uuid)
 echo bootcache-services >"$rootfs/etc/hostname"
 printf 'UUID=%s / ext4 rw,errors=remount-ro 0 1\n' "$uuid" >"$rootfs/etc/fstab"
 ln -sf /lib/systemd/system/multi-user.target "$rootfs/etc/systemd/system/default.target"
-mkdir -p "$rootfs/etc/initramfs-tools/conf.d"
-echo MODULES=most >"$rootfs/etc/initramfs-tools/conf.d/bootcache.conf"
-printf 'virtio_pci\nvirtio_blk\next4\n' >>"$rootfs/etc/initramfs-tools/modules"
+guest_initramfs_modules
 
 # Networking: the classic ifupdown + dhclient on QEMU's virtio NIC, named
 # eth0 (net.ifnames=0 on the kernel command line) whatever its PCI slot.
@@ -111,37 +61,13 @@ EOF
 mkdir -p "$rootfs/var/log/journal" "$rootfs/etc/systemd/journald.conf.d"
 printf '[Journal]\nStorage=persistent\n' >"$rootfs/etc/systemd/journald.conf.d/persistent.conf"
 
-# Same rules as the e2e guest: no getty racing the poweroff, and the poweroff
-# waits until systemd says the boot has settled.
-ln -sf /dev/null "$rootfs/etc/systemd/system/getty.target"
-ln -sf /dev/null "$rootfs/etc/systemd/system/serial-getty@ttyS0.service"
-cat >"$rootfs/etc/systemd/system/bootcache-poweroff.service" <<EOF
-[Unit]
-Description=Power off as soon as the boot has settled (bootcache trace)
-After=multi-user.target
-
-[Service]
-Type=simple
-ExecStart=/bin/sh -c 'systemctl is-system-running --wait >/dev/null; echo "$MARKER" >/dev/console; exec systemctl --no-block poweroff'
-
-[Install]
-WantedBy=multi-user.target
-EOF
-mkdir -p "$rootfs/etc/systemd/system/multi-user.target.wants"
-ln -sf ../bootcache-poweroff.service \
-  "$rootfs/etc/systemd/system/multi-user.target.wants/bootcache-poweroff.service"
+guest_poweroff_unit "Power off as soon as the boot has settled (bootcache trace)" "$MARKER"
 # Timers that would fire at boot and reach for the network or churn the disk.
 for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer; do
   ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
 done
 
-kver=$(basename "$(ls -d "$rootfs"/lib/modules/*/ | head -n 1)")
-log "rebuilding the initramfs of $kver"
-chroot "$rootfs" update-initramfs -u -k "$kver" >"$work/initramfs.log" 2>&1 || {
-  cat "$work/initramfs.log" >&2
-  exit 1
-}
-unmount_below "$rootfs"
+guest_update_initramfs
 
 # GRUB, as grub-install would lay it out for a BIOS boot from an MBR disk:
 # modules under /boot/grub/i386-pc, boot.img in the MBR, core.img in the gap
@@ -175,8 +101,7 @@ if [ $((core_sectors + 1)) -ge $((PART_START_MIB * 2048)) ]; then
   exit 1
 fi
 
-chroot "$rootfs" apt-get clean
-rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
+guest_apt_clean
 
 log "making the ${DISK_SIZE_MIB} MiB disk"
 truncate -s "${DISK_SIZE_MIB}M" "$work/disk.raw"
@@ -202,9 +127,5 @@ marker=$MARKER
 built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 build_seconds=$(($(date +%s) - start))
 EOF
-rm -f "$work"/*.log "$work/core.img" "$work/boot.img"
-chmod 755 "$work"
-mv -T "$work" "$OUT"
-trap - EXIT
-log "built $OUT in $(($(date +%s) - start)) s"
-echo "$OUT"
+rm -f "$work/core.img" "$work/boot.img"
+guest_build_finish

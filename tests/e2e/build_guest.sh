@@ -22,115 +22,31 @@ CACHE=${BOOTCACHE_GUEST_CACHE:-/var/cache/bootcache-tests}
 MIRROR=${BOOTCACHE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 ROOT_SIZE=4G
-OUT=$CACHE/$GUEST_VERSION
+BUILD_NAME=build_guest
 # The poweroff unit prints this line on the console; the test looks for it.
 MARKER="bootcache-e2e: multi-user.target reached, powering off"
 
-log() { echo "build_guest: $*" >&2; }
+# shellcheck source=../../tools/guest_build_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../tools/guest_build_lib.sh"
 
-if [ -f "$OUT/manifest.txt" ]; then
-  echo "$OUT"
-  exit 0
-fi
-if [ "$(id -u)" != 0 ]; then
-  log "needs root (debootstrap and chroot); $OUT does not exist yet"
-  exit 77
-fi
-for tool in debootstrap mkfs.ext4 chroot flock; do
-  command -v "$tool" >/dev/null || { log "$tool not found"; exit 77; }
-done
-
-mkdir -p "$CACHE"
-exec 9>"$CACHE/.$GUEST_VERSION.lock"
-flock 9
-if [ -f "$OUT/manifest.txt" ]; then  # built by another run while we waited
-  echo "$OUT"
-  exit 0
-fi
-
-# Unmount whatever debootstrap or an earlier, interrupted build left mounted
-# below $1, deepest first.
-unmount_below() {
-  local dir
-  dir=$(realpath -m "$1")
-  awk -v d="$dir/" 'index($2 "/", d) == 1 { print $2 }' /proc/mounts | sort -r |
-    while read -r m; do umount -l "$m" || true; done
-}
-
-remove_build() {
-  unmount_below "$1"
-  rm -rf --one-file-system "$1"
-}
-
-# Leftovers of interrupted builds of this version (we hold the lock).
-for stale in "$CACHE/.$GUEST_VERSION.build."*; do
-  [ -e "$stale" ] || continue
-  log "removing the interrupted build $stale"
-  remove_build "$stale"
-done
-
-start=$(date +%s)
-work=$(mktemp -d "$CACHE/.$GUEST_VERSION.build.XXXXXX")
-trap 'remove_build "$work"' EXIT
-rootfs=$work/rootfs
-
-log "debootstrap $SUITE from $MIRROR into $rootfs"
-debootstrap --variant=minbase --include=linux-image-amd64,systemd-sysv,udev \
-  "$SUITE" "$rootfs" "$MIRROR" >"$work/debootstrap.log" 2>&1 || {
-  tail -n 40 "$work/debootstrap.log" >&2
-  log "debootstrap failed"
-  exit 1
-}
-unmount_below "$rootfs"
+guest_build_begin
+guest_debootstrap linux-image-amd64,systemd-sysv,udev
 
 log "configuring the guest"
 echo bootcache-guest >"$rootfs/etc/hostname"
 printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n' >"$rootfs/etc/fstab"
 ln -sf /lib/systemd/system/multi-user.target "$rootfs/etc/systemd/system/default.target"
-# The Debian initramfs with MODULES=most carries virtio_blk; make it explicit.
-mkdir -p "$rootfs/etc/initramfs-tools/conf.d"
-echo MODULES=most >"$rootfs/etc/initramfs-tools/conf.d/bootcache.conf"
-printf 'virtio_pci\nvirtio_blk\next4\n' >>"$rootfs/etc/initramfs-tools/modules"
+guest_initramfs_modules
+guest_poweroff_unit "Power off as soon as multi-user.target is reached (bootcache e2e)" "$MARKER"
 
-# Boots must read the same blocks every time (the test checks that a second
-# boot reads nothing the first did not): no login prompt racing with the
-# poweroff (systemd's getty generator would start one on ttyS0), and the
-# poweroff waits for the job queue to drain (units ordered after
-# multi-user.target), so shutdown always starts from a quiet system. The
-# unit is Type=simple: a oneshot would itself keep the queue busy.
-ln -sf /dev/null "$rootfs/etc/systemd/system/getty.target"
-ln -sf /dev/null "$rootfs/etc/systemd/system/serial-getty@ttyS0.service"
-cat >"$rootfs/etc/systemd/system/bootcache-poweroff.service" <<EOF
-[Unit]
-Description=Power off as soon as multi-user.target is reached (bootcache e2e)
-After=multi-user.target
-
-[Service]
-Type=simple
-ExecStart=/bin/sh -c 'systemctl is-system-running --wait >/dev/null; echo "$MARKER" >/dev/console; exec systemctl --no-block poweroff'
-
-[Install]
-WantedBy=multi-user.target
-EOF
-mkdir -p "$rootfs/etc/systemd/system/multi-user.target.wants"
-ln -sf ../bootcache-poweroff.service \
-  "$rootfs/etc/systemd/system/multi-user.target.wants/bootcache-poweroff.service"
-
-kver=$(basename "$(ls -d "$rootfs"/lib/modules/*/ | head -n 1)")
-log "rebuilding the initramfs of $kver"
-chroot "$rootfs" update-initramfs -u -k "$kver" >"$work/initramfs.log" 2>&1 || {
-  cat "$work/initramfs.log" >&2
-  exit 1
-}
-unmount_below "$rootfs"
+guest_update_initramfs
 chroot "$rootfs" lsinitramfs "/boot/initrd.img-$kver" >"$work/initrd.list"
 if ! grep -q '/virtio_blk\.ko' "$work/initrd.list"; then
   log "the initramfs has no virtio_blk module"
   exit 1
 fi
 
-chroot "$rootfs" apt-get clean
-rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
+guest_apt_clean
 
 cp "$rootfs/boot/vmlinuz-$kver" "$work/vmlinuz"
 cp "$rootfs/boot/initrd.img-$kver" "$work/initrd.img"
@@ -153,9 +69,5 @@ marker=$MARKER
 built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 build_seconds=$(($(date +%s) - start))
 EOF
-rm -f "$work"/*.log "$work/initrd.list"
-chmod 755 "$work"
-mv -T "$work" "$OUT"
-trap - EXIT
-log "built $OUT in $(($(date +%s) - start)) s"
-echo "$OUT"
+rm -f "$work/initrd.list"
+guest_build_finish
