@@ -7,13 +7,12 @@ named in ``COMMANDS`` below and imported only when it is run.
 from __future__ import annotations
 
 import gc
-import sys
 
 import click
 
 from bootcache import __version__
+from bootcache.cli.exits import run_command
 from bootcache.cli.lazy import LazyGroup
-from bootcache.errors import BootcacheError
 
 #: name -> (where the command is, its short help for ``bootcache --help``);
 #: tests/test_cli_startup.py checks that the help matches the command's own.
@@ -49,7 +48,7 @@ def cli() -> None:
 
 def main() -> None:
     try:
-        _run()
+        run_command(cli)
     finally:
         # At exit the interpreter collects cyclic garbage over every object
         # the imports made (click, the engine): frozen, they are not scanned.
@@ -57,17 +56,3 @@ def main() -> None:
         # the exit runs after this.
         gc.freeze()
 
-
-def _run() -> None:
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(1)
-    except BootcacheError as e:
-        click.echo(f"bootcache: {e}", err=True)
-        sys.exit(1)

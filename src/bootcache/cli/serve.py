@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from bootcache.cli.exits import run_command
 from bootcache.daemon import config as configmod
 from bootcache.daemon.config import ExportSpec, NodeConfig
-from bootcache.errors import BootcacheError
 
 
 def parse_image_arg(arg: str) -> tuple[str, str]:
@@ -151,17 +150,7 @@ async def _make(cfg: NodeConfig, config_path: str | None, pinned: frozenset[str]
 
 def main() -> None:
     """Entry point for ``python -m bootcache.cli.serve``."""
-    try:
-        serve.main(standalone_mode=False)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(1)
-    except BootcacheError as e:
-        click.echo(f"bootcache: {e}", err=True)
-        sys.exit(1)
-
+    run_command(serve)
 
 if __name__ == "__main__":
     main()
