@@ -209,6 +209,10 @@ class Qcow2Image(SourceBacked, BlockLayer):
         """[offset, offset+length) as runs of one kind each (:meth:`ClusterMap.map_range`)."""
         return await self.map.map_range(offset, length)
 
+    def map_range_nowait(self, offset: int, length: int) -> list[Mapping] | None:
+        """:meth:`map_range` if the L2 tables it needs are cached, else None (no await)."""
+        return None if self.stale else self.map.map_range_nowait(offset, length)
+
     def compressed_clusters(self, entry: int) -> tuple[int, int]:
         return self.map.compressed_clusters(entry)
 
@@ -254,6 +258,17 @@ class Qcow2Image(SourceBacked, BlockLayer):
             return await below.pread(offset, length)
         part = await below.pread(offset, below.size - offset)
         return part + bytes(length - len(part))
+
+    def read_below_nowait(self, offset: int, length: int) -> bytes | None:
+        """:meth:`read_below` when the backing layer reads it without waiting
+        (:meth:`BlockLayer.pread_nowait`), else None."""
+        below = self.backing
+        if below is None or offset >= below.size:
+            return bytes(length)
+        if offset + length <= below.size:
+            return below.pread_nowait(offset, length)
+        part = below.pread_nowait(offset, below.size - offset)
+        return None if part is None else part + bytes(length - len(part))
 
     async def _read_compressed(self, entry: int) -> bytes:
         if self._last_compressed and self._last_compressed[0] == entry:
@@ -308,6 +323,24 @@ class Qcow2Image(SourceBacked, BlockLayer):
                 raise
         if fua:
             await self.flush()
+
+    async def store_clusters(self, runs: list[tuple[int, bytes | memoryview]]) -> None:
+        """Write runs of whole clusters, ``(first cluster, bytes)`` each (the
+        last cluster of the disk may be short), under one hold of the lock:
+        a cache's batch of stores. An OSError (a full disk) leaves the runs
+        before the failing one written and the clusters allocated for the
+        failing write given back: what is mapped then is exactly what was
+        written (:meth:`map_range` tells)."""
+        self._require_writable()
+        cb = self.cb
+        async with self.lock:
+            try:
+                for first, data in runs:
+                    self.check_range(first << cb, len(data))
+                    await self._write(first << cb, memoryview(data).cast("B"))
+            except ImageCorruptError:
+                await self._mark_corrupt()
+                raise
 
     async def _write(self, offset: int, view: memoryview) -> None:
         """Write within the lock: in place where a cluster is ours, else allocate."""
