@@ -96,6 +96,18 @@ class _Fetch:
 _Segment = tuple[_Fetch | None, int, int]
 
 
+#: A planned piece of a read: bytes read, or the segments of a miss.
+_Part = bytes | memoryview | list[_Segment]
+
+
+def _joined(pieces: list[bytes | memoryview]) -> bytes:
+    """The reply: one fetch's bytes as they are, else the one copy of the
+    read (fetched buffers are sliced as memoryviews)."""
+    if len(pieces) == 1 and isinstance(pieces[0], bytes):
+        return pieces[0]
+    return b"".join(pieces)
+
+
 def _slice(fetch: _Fetch, lo: int, hi: int, cs: int) -> bytes | memoryview:
     """Guest bytes [lo, hi) of a fetch's bytes, without a copy."""
     data = fetch.data
@@ -335,6 +347,7 @@ class CacheLayer(BlockLayer):
             observed = version.current
             if version.poll():  # moved, or a change is being handled: wait for it
                 await self._report_change(version, observed)
+        planned: tuple[list[_Part], int] | None = None
         if length <= NOWAIT_MAX:
             # The hot path: a hit on host-contiguous clusters, one pread.
             data = self._hit_now(offset, length)
@@ -342,52 +355,81 @@ class CacheLayer(BlockLayer):
                 return data
             if self._pending_bytes > _PENDING_STORES_MAX:
                 await self._stores_landed()  # the cache file falls behind: wait for it
-            # Hits elsewhere, fetched bytes not stored yet, a local base.
-            data = self._read_now(offset, length)
-            if data is not None:
-                return data
-        store = self.store
-        counters = self.counters
-        # While this read looks up and reads held runs, the clusters it found
-        # are pinned (not released for reuse). Misses only start their fetches
-        # in there: the base is waited for outside, so frees never wait on it.
-        parts: list[bytes | list[_Segment]] = []
-        missed = False
-        with store.pinned():
-            runs = await store.lookup(offset, length)
-            if len(runs) == 1 and runs[0][0]:
-                # Fast path: a pure hit.
-                counters.hits += 1
-                counters.bytes_from_cache += length
-                self._dirty_counters = True
-                self.recorder.count_hit(offset, length)
-                self.quota.touch(offset, length)
-                return await store.read_run(runs[0])
-            for run in runs:
-                held, guest, n, _ = run
-                if not held:
-                    missed = True
-                    parts.append(self._start_miss(guest, n))
-                else:
-                    counters.bytes_from_cache += n
-                    parts.append(await store.read_run(run))
+            planned = self._plan_now(offset, length, wait=True)
+        if planned is None:
+            planned = await self._plan(offset, length)
+        parts, from_cache = planned
         pieces: list[bytes | memoryview] = []
         for part in parts:
             if isinstance(part, list):
                 pieces.extend(await self._collect(part))
             else:
                 pieces.append(part)
-        if missed:
-            counters.misses += 1
-        else:
+        self._served(offset, length, from_cache)
+        return _joined(pieces)
+
+    async def _plan(self, offset: int, length: int) -> tuple[list[_Part], int]:
+        """The general lookup: held runs read, misses planned (fetches
+        started), and how many bytes came from the cache."""
+        store = self.store
+        # While this read looks up and reads held runs, the clusters it found
+        # are pinned (not released for reuse). Misses only start their fetches
+        # in there: the base is waited for outside, so frees never wait on it.
+        parts: list[_Part] = []
+        from_cache = 0
+        with store.pinned():
+            for run in await store.lookup(offset, length):
+                held, guest, n, _ = run
+                if not held:
+                    parts.append(self._start_miss(guest, n))
+                else:
+                    from_cache += n
+                    parts.append(await store.read_run(run))
+        return parts, from_cache
+
+    def _plan_now(self, offset: int, length: int, *,
+                  wait: bool) -> tuple[list[_Part], int] | None:
+        """:meth:`_plan` with no await (None: the lookup would have to wait).
+        Held runs are read now (no await since the lookup: nothing can be
+        released meanwhile, no pin needed); a miss takes fetched bytes not
+        stored yet or fetches now from a base that reads without waiting (a
+        local file); else, with ``wait``, starts the fetches to wait for
+        (without: returns None)."""
+        store = self.store
+        runs = store.lookup_nowait(offset, length)
+        if runs is None:
+            return None
+        parts: list[_Part] = []
+        from_cache = 0
+        for run in runs:
+            if run[0]:
+                data = store.read_run_nowait(run)
+                if data is None:
+                    return None
+                from_cache += run[2]
+                parts.append(data)
+                continue
+            got = self._miss_now(run[1], run[2])
+            if got is not None:
+                parts.extend(got)
+            elif wait:
+                parts.append(self._start_miss(run[1], run[2]))
+            else:
+                return None
+        return parts, from_cache
+
+    def _served(self, offset: int, length: int, from_cache: int) -> None:
+        """Count a read served (a miss when any byte came from the base)."""
+        counters = self.counters
+        counters.bytes_from_cache += from_cache
+        if from_cache == length:
             counters.hits += 1
+            self.recorder.count_hit(offset, length)
+        else:
+            counters.misses += 1
         self.quota.touch(offset, length)
         self._dirty_counters = True
         self._schedule_flush()
-        if len(pieces) == 1 and isinstance(pieces[0], bytes):
-            return pieces[0]  # a miss that is exactly one fetch: no copy at all
-        # The one copy of a miss: fetched buffers are sliced as memoryviews.
-        return b"".join(pieces)
 
     async def settle(self) -> None:
         if self.base_version is not None:
@@ -448,43 +490,19 @@ class CacheLayer(BlockLayer):
     # -- misses ---------------------------------------------------------------------
 
     def _read_now(self, offset: int, length: int) -> bytes | None:
-        """A read served without waiting, or None: held clusters read from the
-        cache file, missing ones from fetched bytes not stored yet, or fetched
-        now from a base that reads without waiting (a local file). No await
-        between lookup and reads: nothing can be released meanwhile."""
+        """A read served without waiting (:meth:`_plan_now`), else None."""
         if self._pending_bytes > _PENDING_STORES_MAX:
+            return None  # the cache file falls behind: pread() waits for it
+        planned = self._plan_now(offset, length, wait=False)
+        if planned is None:
             return None
-        store = self.store
-        runs = store.lookup_nowait(offset, length)
-        if runs is None:
-            return None
+        parts, from_cache = planned
         pieces: list[bytes | memoryview] = []
-        from_cache = 0
-        for run in runs:
-            if run[0]:
-                data = store.read_run_nowait(run)
-                if data is None:
-                    return None
-                from_cache += run[2]
-                pieces.append(data)
-            else:
-                got = self._miss_now(run[1], run[2])
-                if got is None:
-                    return None
-                pieces.extend(got)
-        counters = self.counters
-        counters.bytes_from_cache += from_cache
-        if from_cache == length:
-            counters.hits += 1
-            self.recorder.count_hit(offset, length)
-        else:
-            counters.misses += 1
-        self.quota.touch(offset, length)
-        self._dirty_counters = True
-        self._schedule_flush()
-        if len(pieces) == 1 and isinstance(pieces[0], bytes):
-            return pieces[0]
-        return b"".join(pieces)
+        for part in parts:
+            assert not isinstance(part, list)  # (nothing to wait for without wait)
+            pieces.append(part)
+        self._served(offset, length, from_cache)
+        return _joined(pieces)
 
     def _miss_now(self, offset: int, length: int) -> list[bytes | memoryview] | None:
         """The bytes of a range the cache does not hold, if none of it must be
