@@ -381,7 +381,9 @@ class CacheLayer(BlockLayer):
             for run in await store.lookup(offset, length):
                 held, guest, n, _ = run
                 if not held:
-                    parts.append(self._start_miss(guest, n))
+                    got = self._miss(guest, n, wait=True)
+                    assert got is not None
+                    parts.extend(got)
                 else:
                     from_cache += n
                     parts.append(await store.read_run(run))
@@ -409,13 +411,10 @@ class CacheLayer(BlockLayer):
                 from_cache += run[2]
                 parts.append(data)
                 continue
-            got = self._miss_now(run[1], run[2])
-            if got is not None:
-                parts.extend(got)
-            elif wait:
-                parts.append(self._start_miss(run[1], run[2]))
-            else:
+            got = self._miss(run[1], run[2], wait=wait)
+            if got is None:
                 return None
+            parts.extend(got)
         return parts, from_cache
 
     def _served(self, offset: int, length: int, from_cache: int) -> None:
@@ -504,31 +503,49 @@ class CacheLayer(BlockLayer):
         self._served(offset, length, from_cache)
         return _joined(pieces)
 
-    def _miss_now(self, offset: int, length: int) -> list[bytes | memoryview] | None:
-        """The bytes of a range the cache does not hold, if none of it must be
-        waited for: fetched bytes not stored yet, else fetched now (None when
-        a fetch is still on its way, or the base cannot read without waiting)."""
+    def _miss(self, offset: int, length: int, *, wait: bool) -> list[_Part] | None:
+        """The bytes of a range the cache does not hold: fetched bytes not
+        stored yet, or fetched now from a base that reads without waiting
+        (single flight either way). Else, with ``wait``, the fetches to wait
+        for are started and the plan returned as segments; without, None."""
         cs = self.cs
         first, last = offset // cs, (offset + length - 1) // cs
         inflight = self.inflight
+        # Fetch now only if no byte must be waited for anyway.
+        now = True
         for ci in range(first, last + 1):
             fetch = inflight.get(ci)
             if fetch is not None and fetch.data is None:
-                return None  # on its way: pread() waits for it
+                if not wait:
+                    return None  # on its way: pread() waits for it
+                now = False
+                break
         generation = self._generation
         for start, count in self._runs_to_fetch(first, last):
             off = start * cs
-            data = self.store.read_below_nowait(off, min(count * cs, self.size - off))
+            data = self.store.read_below_nowait(off, min(count * cs, self.size - off)) \
+                if now else None
             if data is None:
-                return None
-            fetch = _Fetch(start, count, None, generation)
+                if not wait:
+                    return None
+                now = False
+                fetch = _Fetch(start, count, asyncio.get_running_loop().create_future(),
+                               generation)
+            else:
+                fetch = _Fetch(start, count, None, generation)
             for ci in range(start, start + count):
                 inflight[ci] = fetch
-            self._fetched(fetch, data)
-        out: list[bytes | memoryview] = []
-        for fetch, lo, hi in self._segments(offset, length):
+            if data is None:
+                # The reader waits for the bytes (the fetch's future); they
+                # are stored afterwards, in the background.
+                self._background(self._fetch(fetch), "fetch")
+            else:
+                self._fetched(fetch, data)
+        segments = self._segments(offset, length)
+        out: list[_Part] = []
+        for fetch, lo, hi in segments:
             if fetch is None or fetch.data is None:
-                return None  # stored meanwhile (its lookup is pread()'s)
+                return [segments] if wait else None  # something to wait for, or to look up
             out.append(_slice(fetch, lo, hi, cs))
         return out
 
@@ -556,23 +573,6 @@ class CacheLayer(BlockLayer):
                 k += 1
             fetches[-1] = (start, k - start)
         return fetches
-
-    def _start_miss(self, offset: int, length: int) -> list[_Segment]:
-        """Plan the bytes of a range the cache does not hold, starting a fetch
-        for each run of clusters neither held nor coming (single flight), and
-        return where each piece will come from. Never waits."""
-        cs = self.cs
-        first, last = offset // cs, (offset + length - 1) // cs
-        inflight = self.inflight
-        loop = asyncio.get_running_loop()
-        for start, count in self._runs_to_fetch(first, last):
-            fetch = _Fetch(start, count, loop.create_future(), self._generation)
-            for ci in range(start, start + count):
-                inflight[ci] = fetch
-            # The reader waits for the bytes (the fetch's future); they are
-            # stored afterwards, in the background.
-            self._background(self._fetch(fetch), "fetch")
-        return self._segments(offset, length)
 
     def _segments(self, offset: int, length: int) -> list[_Segment]:
         """Where each piece of [offset, offset + length) comes from: the fetch
