@@ -339,6 +339,7 @@ class Qcow2Image(SourceBacked, BlockLayer):
             try:
                 # Unmapped clusters, in order: guest cluster -> (run bytes, k-th cluster).
                 fresh: dict[int, tuple[memoryview, int]] = {}
+                table, table_l1i = None, -1  # the table looked at last (no await since)
                 for first, data in runs:
                     self.check_range(first << cb, len(data))
                     view = memoryview(data).cast("B")
@@ -348,8 +349,11 @@ class Qcow2Image(SourceBacked, BlockLayer):
                             fresh[ci] = (view, k)  # stored twice: the later bytes win
                             continue
                         l1i, l2i = divmod(ci, per)
-                        if (await m.table_for_write(l1i))[l2i]:
+                        if table is None or l1i != table_l1i:
+                            table, table_l1i = await m.table_for_write(l1i), l1i
+                        if table[l2i]:
                             await self._write(ci << cb, view[k * cs:(k + 1) * cs])
+                            table = None
                         else:
                             fresh[ci] = (view, k)
                 if fresh:
