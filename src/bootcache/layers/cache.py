@@ -511,6 +511,9 @@ class CacheLayer(BlockLayer):
         cs = self.cs
         first, last = offset // cs, (offset + length - 1) // cs
         inflight = self.inflight
+        fetch = inflight.get(first)
+        if fetch is not None and fetch.data is not None and last < fetch.start + fetch.count:
+            return [_slice(fetch, offset, offset + length, cs)]  # one fetch's bytes
         # Fetch now only if no byte must be waited for anyway.
         now = True
         for ci in range(first, last + 1):
