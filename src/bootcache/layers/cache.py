@@ -794,15 +794,20 @@ class CacheLayer(BlockLayer):
             if victims:
                 await self._evict(victims)
             if plans:
-                left -= await self._store_plans(plans, generation)
+                held, error = await self._store_plans(plans, generation)
+                left -= held
+                if error is not None:
+                    raise error
         finally:
             self.quota.unreserve(left)
 
-    async def _store_plans(self, plans: list[tuple[_Fetch, int]], generation: int) -> int:
+    async def _store_plans(self, plans: list[tuple[_Fetch, int]],
+                           generation: int) -> tuple[int, OSError | None]:
         """Write the first ``count`` clusters of each fetch as one batch (in
-        pieces of at most 1 MiB); returns how many clusters are held now."""
+        pieces of at most 1 MiB); returns how many clusters are held now,
+        and the error to raise once they are counted (other than a full disk)."""
         if generation != self._generation:
-            return 0  # dropped while evictions made room: nothing may be mapped now
+            return 0, None  # dropped while evictions made room: nothing may be mapped now
         cs = self.cs
         step = max(_STORE_PIECE // cs, 1)
         runs: list[tuple[int, bytes | memoryview]] = []
@@ -817,15 +822,16 @@ class CacheLayer(BlockLayer):
         except OSError as e:
             return await self._store_after_error(plans, generation, e)
         if generation != self._generation:
-            return 0  # dropped meanwhile: these clusters are being unmapped
+            return 0, None  # dropped meanwhile: these clusters are being unmapped
         for fetch, count in plans:
             self._held_now(fetch.start, count)
-        return sum(count for _, count in plans)
+        return sum(count for _, count in plans), None
 
     async def _store_after_error(self, plans: list[tuple[_Fetch, int]], generation: int,
-                                 error: OSError) -> int:
+                                 error: OSError) -> tuple[int, OSError | None]:
         """A batch failed part way: count what it stored; on a full disk, try
-        the rest piece by piece (then cluster by cluster), else re-raise."""
+        the rest piece by piece (then cluster by cluster), else hand the
+        error back."""
         cs = self.cs
         held = 0
         rest: list[tuple[int, int, memoryview]] = []
@@ -842,13 +848,15 @@ class CacheLayer(BlockLayer):
                     self._held_now(first, k)
                     held += k
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            # (The quota's reservation of the rest is given back by the caller.)
-            raise error
+            return held, error  # (the reservation of the rest is given back by the caller)
         for first, k, part in rest:
             if time.monotonic() < self._store_paused_until:
                 break  # the disk is full: the rest is served from the base
-            held += await self._store_pieces(first, part, k, generation)
-        return held
+            got, failed = await self._store_pieces(first, part, k, generation)
+            held += got
+            if failed is not None:
+                return held, failed
+        return held, None
 
     def _held_now(self, first: int, count: int) -> None:
         """Reserved clusters [first, first + count) were stored: held from now on."""
@@ -857,10 +865,11 @@ class CacheLayer(BlockLayer):
         self._dirty_counters = True
 
     async def _store_pieces(self, start: int, view: memoryview, count: int,
-                            generation: int) -> int:
+                            generation: int) -> tuple[int, OSError | None]:
         """Write ``count`` clusters in pieces, so that a disk filling up keeps
         what fitted; when a piece does not fit, go on cluster by cluster.
-        Returns how many were stored."""
+        Returns how many were stored, and an error other than a full disk
+        that stopped it."""
         cs = self.cs
         step = max(_STORE_PIECE // cs, 1)
         first = start
@@ -874,7 +883,7 @@ class CacheLayer(BlockLayer):
                 await self.store.store(first, view[(first - start) * cs:(first - start + n) * cs])
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
+                    return first - start, e
                 if step > 1:
                     step = 1
                     continue
@@ -888,7 +897,7 @@ class CacheLayer(BlockLayer):
                 break  # the cache was dropped meanwhile: this piece is being unmapped
             self._held_now(first, n)
             first += n
-        return first - start
+        return first - start, None
 
     async def _evict(self, victims: list[int]) -> None:
         """Make clusters unallocated again (the caller already forgot them)."""
