@@ -6,8 +6,10 @@ an nginx on localhost. The event loop's thread CPU time (``time.thread_time``)
 is counted per phase by wrapping the awaitables the cache layer calls on
 its cache store (the product itself is not instrumented):
 
-- fetch: ``CacheStore.read_below`` (the base source's read, HTTP client included)
-- store: ``CacheStore.store`` (data write plus the L2/refcount updates it makes)
+- fetch: ``CacheStore.read_below`` and ``read_below_nowait`` (the base
+  source's read, HTTP client included)
+- store: ``CacheStore.store`` and ``store_runs`` (data writes plus the
+  L2/refcount updates they make)
 - metadata: ``flush``, ``save_records``, ``unmap`` (write-back, fsync calls)
 - bookkeeping: everything else on the loop (the cache layer's split, single
   flight, futures, joins, tasks, the event loop itself)
@@ -62,12 +64,20 @@ class Meter:
             return _Phased(fn(*args, **kwargs), phase, meter)
         return wrapper
 
+    def wrap_sync(self, fn: Callable[..., Any], phase: str) -> Callable[..., Any]:
+        """The same for a call that does not await (a read that completes now)."""
+        meter = self
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return _Phased(None, phase, meter)._step(fn, *args, **kwargs)
+        return wrapper
+
 
 class _Phased:
     """An awaitable stepping ``coro`` and timing each step."""
 
     def __init__(self, coro: Any, phase: str, meter: Meter) -> None:
-        self.coro = coro.__await__()
+        self.coro = coro.__await__() if coro is not None else None
         self.phase = phase
         self.meter = meter
 
@@ -89,13 +99,13 @@ class _Phased:
     def close(self) -> None:
         self.coro.close()
 
-    def _step(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _step(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         m = self.meter
         frame = [0.0]
         m.stack.append(frame)
         t0 = time.thread_time()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             dt = time.thread_time() - t0
             m.stack.pop()
@@ -113,6 +123,11 @@ async def replay(cache: Path, requests: list[Any], readers: int,
     if phases:
         store.read_below = meter.wrap(store.read_below, "fetch")  # type: ignore[method-assign]
         store.store = meter.wrap(store.store, "store")  # type: ignore[method-assign]
+        # Misses served without waiting, and batched stores (where the cache has them).
+        if hasattr(store, "read_below_nowait"):
+            store.read_below_nowait = meter.wrap_sync(store.read_below_nowait, "fetch")
+        if hasattr(store, "store_runs"):
+            store.store_runs = meter.wrap(store.store_runs, "store")
         for name in ("flush", "save_records", "unmap"):
             setattr(store, name, meter.wrap(getattr(store, name), "metadata"))
     it = iter(requests)

@@ -1,8 +1,9 @@
 """Acceptance 3 over a local base: 32 concurrent readers of one cold region
 fetch each cluster from the base exactly once (single flight).
 
-The base layer's ``pread`` is wrapped to count reads and to be slow, so the
-readers really overlap while fetches are in flight. The same test over
+The base layer's ``pread`` and ``pread_nowait`` are wrapped to count reads
+(and, in one run, to be slow, so the readers really overlap while fetches
+are in flight). The same test over
 nbdkit, counted by its log filter, is in test_cache_nbd.py.
 """
 
@@ -28,6 +29,11 @@ from .conftest import (
     create_cache,
     make_base,
 )
+
+
+def waits(offset: int, length: int) -> None:
+    """A base's ``pread_nowait`` that never reads without waiting (a remote base)."""
+    return None
 
 
 async def reader(layer: BlockLayer, base: bytes, start: int, end: int, first: int,
@@ -68,7 +74,19 @@ def test_32_readers_one_fetch_per_cluster(tmp_path: Path, delay: float) -> None:
                 data: bytes = await real(offset, length)
                 return data
 
+            real_now = below.pread_nowait
+
+            def counted_now(offset: int, length: int) -> bytes | None:
+                if delay:
+                    return None  # a slow base: every fetch waits (as a remote one)
+                data: bytes | None = real_now(offset, length)
+                if data is not None:
+                    reads.append((offset, length))
+                return data
+
             below.pread = counted
+            below.pread_nowait = waits  # a slow base
+            below.pread_nowait = counted_now
             tasks = []
             for k in range(32):
                 # Different alignments: odd byte offsets, sector and cluster multiples.
@@ -154,6 +172,7 @@ def test_a_failed_fetch_fails_its_waiters_and_is_retried(tmp_path: Path) -> None
                 return data
 
             below.pread = flaky
+            below.pread_nowait = waits  # a slow base
 
             async def one(k: int) -> bytes:
                 return await layer.pread(CLUSTER + 100 * k, 1000)

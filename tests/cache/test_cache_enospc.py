@@ -83,6 +83,10 @@ def test_caching_resumes_in_the_same_process(tmp_path: Path, small_fs: Path) -> 
         assert_bytes(data, base, "first pass on a full disk")
         stored = img.layer.stats()["clusters_stored"]  # type: ignore[attr-defined]
         assert 0 < stored < len(base) // cs
+        # Every reservation of a store that did not fit was given back; what
+        # was stored is held.
+        quota = img.layer.quota  # type: ignore[attr-defined]
+        assert quota.reserved == 0 and len(quota) == stored
         (small_fs / "filler").unlink()
         # Keep reading clusters that are not cached until one is stored again.
         deadline = time.monotonic() + 20

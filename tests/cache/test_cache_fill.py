@@ -39,7 +39,7 @@ READER = Path(__file__).with_name("reader.py")
 
 
 class CountingBase:
-    """Wraps a layer's pread to record every (offset, length) read from it."""
+    """Wraps a layer's reads to record every (offset, length) read from it."""
 
     def __init__(self, layer: Any) -> None:
         self.reads: list[tuple[int, int]] = []
@@ -50,7 +50,16 @@ class CountingBase:
             data: bytes = await self._pread(offset, length)
             return data
 
+        real_now = layer.pread_nowait
+
+        def pread_nowait(offset: int, length: int) -> bytes | None:
+            data: bytes | None = real_now(offset, length)
+            if data is not None:
+                self.reads.append((offset, length))
+            return data
+
         layer.pread = pread
+        layer.pread_nowait = pread_nowait
 
     @property
     def bytes(self) -> int:

@@ -150,6 +150,7 @@ def test_lru_concurrent_readers(tmp_path: Path) -> None:
                 return data
 
             below.pread = slow
+            below.pread_nowait = lambda offset, length: None  # fetches wait
             await asyncio.gather(*(reader(layer, k) for k in range(16)))
         finally:
             await layer.close()
@@ -194,6 +195,7 @@ def test_lru_quota_holds_under_concurrent_stores(tmp_path: Path) -> None:
                 return data
 
             below.pread = slow
+            below.pread_nowait = lambda offset, length: None  # fetches wait
             most = 0
             for _ in range(20):
                 await asyncio.gather(*(one(layer, rng.randrange(size // CLUSTER))

@@ -52,6 +52,10 @@ class CacheStore(Protocol):
     async def read_below(self, offset: int, length: int) -> bytes:
         """Bytes of the base (zeros past its end)."""
 
+    def read_below_nowait(self, offset: int, length: int) -> bytes | None:
+        """:meth:`read_below` when the base reads it without waiting (a local
+        file), else None."""
+
     # -- lookups and reads ---------------------------------------------------------
 
     def read_held_nowait(self, offset: int, length: int) -> bytes | None:
@@ -66,8 +70,15 @@ class CacheStore(Protocol):
     async def lookup(self, offset: int, length: int) -> list[Run]:
         """[offset, offset+length) as runs held or missing (under :meth:`pinned`)."""
 
+    def lookup_nowait(self, offset: int, length: int) -> list[Run] | None:
+        """:meth:`lookup` with no await (None: it would have to wait)."""
+
     async def read_run(self, run: Run) -> bytes:
         """The bytes of a held run from :meth:`lookup` (under the same pin)."""
+
+    def read_run_nowait(self, run: Run) -> bytes | None:
+        """:meth:`read_run` with no await (None: it would have to wait); with
+        no await since :meth:`lookup_nowait`, no pin is needed."""
 
     async def read(self, offset: int, length: int) -> bytes:
         """The disk's bytes: held clusters, the base elsewhere."""
@@ -82,6 +93,10 @@ class CacheStore(Protocol):
     async def store(self, first: int, data: bytes | memoryview) -> None:
         """Hold whole clusters from ``first`` (the last may end at the disk's
         end). OSError (ENOSPC) leaves nothing half held."""
+
+    async def store_runs(self, runs: list[tuple[int, bytes | memoryview]]) -> None:
+        """:meth:`store` of several runs ``(first, data)`` at once. OSError
+        leaves some of them held (:meth:`lookup` tells which clusters)."""
 
     async def unmap(self, clusters: list[int]) -> None:
         """Stop holding clusters (their space is released at a later flush)."""

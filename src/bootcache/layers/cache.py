@@ -41,6 +41,8 @@ _SAMPLE_BYTES = 4096
 _FLUSH_INTERVAL = 1.0
 _ENOSPC_RETRY = 5.0
 _STORE_PIECE = 1 << 20
+#: Fetched bytes waiting to be stored beyond which readers wait for the stores.
+_PENDING_STORES_MAX = 16 << 20
 
 
 def read_extension(img: Qcow2Image) -> CacheExtension | None:
@@ -69,18 +71,51 @@ async def base_identity(base: BlockLayer) -> dict[str, Any]:
 
 
 class _Fetch:
-    """One read of clusters [start, ...) from the base; its future is the bytes."""
+    """One read of clusters [start, start + count) from the base.
 
-    __slots__ = ("future", "start")
+    ``data`` holds the bytes once they arrived; it is registered in
+    ``inflight`` until they are stored (or the store is given up), so a
+    reader meanwhile takes them from here. Readers that come before the
+    bytes wait for ``future`` (None: fetched without waiting, from a local
+    base).
+    """
 
-    def __init__(self, start: int, future: asyncio.Future[bytes]) -> None:
+    __slots__ = ("count", "data", "future", "generation", "start")
+
+    def __init__(self, start: int, count: int, future: asyncio.Future[bytes] | None,
+                 generation: int) -> None:
         self.start = start
+        self.count = count
         self.future = future
+        self.generation = generation
+        self.data: bytes | None = None
 
 
 #: Where a piece of a miss comes from: a fetch (None: the cache, stored
 #: meanwhile) and the piece's guest byte range [lo, hi).
 _Segment = tuple[_Fetch | None, int, int]
+
+
+#: A planned piece of a read: bytes read, or the segments of a miss.
+_Part = bytes | memoryview | list[_Segment]
+
+
+def _joined(pieces: list[bytes | memoryview]) -> bytes:
+    """The reply: one fetch's bytes as they are, else the one copy of the
+    read (fetched buffers are sliced as memoryviews)."""
+    if len(pieces) == 1 and isinstance(pieces[0], bytes):
+        return pieces[0]
+    return b"".join(pieces)
+
+
+def _slice(fetch: _Fetch, lo: int, hi: int, cs: int) -> bytes | memoryview:
+    """Guest bytes [lo, hi) of a fetch's bytes, without a copy."""
+    data = fetch.data
+    assert data is not None
+    base = fetch.start * cs
+    if lo == base and hi - lo == len(data):
+        return data
+    return memoryview(data)[lo - base:hi - base]
 
 
 class CacheLayer(BlockLayer):
@@ -125,6 +160,10 @@ class CacheLayer(BlockLayer):
         #: Why this cache refuses to serve (on_stale=refuse), once it does.
         self._refusal: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Fetches whose bytes wait to be stored, and the task storing them.
+        self._pending_stores: list[_Fetch] = []
+        self._pending_bytes = 0
+        self._storer: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._evict_flush: asyncio.Task[None] | None = None
 
@@ -261,7 +300,8 @@ class CacheLayer(BlockLayer):
         version = self.base_version
         if version is not None and version.poll():
             return None  # the base changed (or is changing): pread() deals with it
-        return self._hit_now(offset, length)
+        data = self._hit_now(offset, length)
+        return data if data is not None else self._read_now(offset, length)
 
     def _hit_now(self, offset: int, length: int) -> bytes | None:
         """A hit on host-contiguous cached clusters, looked up and read without
@@ -307,53 +347,88 @@ class CacheLayer(BlockLayer):
             observed = version.current
             if version.poll():  # moved, or a change is being handled: wait for it
                 await self._report_change(version, observed)
+        planned: tuple[list[_Part], int] | None = None
         if length <= NOWAIT_MAX:
             # The hot path: a hit on host-contiguous clusters, one pread.
             data = self._hit_now(offset, length)
             if data is not None:
                 return data
-        store = self.store
-        counters = self.counters
-        # While this read looks up and reads held runs, the clusters it found
-        # are pinned (not released for reuse). Misses only start their fetches
-        # in there: the base is waited for outside, so frees never wait on it.
-        parts: list[bytes | list[_Segment]] = []
-        missed = False
-        with store.pinned():
-            runs = await store.lookup(offset, length)
-            if len(runs) == 1 and runs[0][0]:
-                # Fast path: a pure hit.
-                counters.hits += 1
-                counters.bytes_from_cache += length
-                self._dirty_counters = True
-                self.recorder.count_hit(offset, length)
-                self.quota.touch(offset, length)
-                return await store.read_run(runs[0])
-            for run in runs:
-                held, guest, n, _ = run
-                if not held:
-                    missed = True
-                    parts.append(self._start_miss(guest, n))
-                else:
-                    counters.bytes_from_cache += n
-                    parts.append(await store.read_run(run))
+            if self._pending_bytes > _PENDING_STORES_MAX:
+                await self._stores_landed()  # the cache file falls behind: wait for it
+            planned = self._plan_now(offset, length, wait=True)
+        if planned is None:
+            planned = await self._plan(offset, length)
+        parts, from_cache = planned
         pieces: list[bytes | memoryview] = []
         for part in parts:
             if isinstance(part, list):
                 pieces.extend(await self._collect(part))
             else:
                 pieces.append(part)
-        if missed:
-            counters.misses += 1
-        else:
+        self._served(offset, length, from_cache)
+        return _joined(pieces)
+
+    async def _plan(self, offset: int, length: int) -> tuple[list[_Part], int]:
+        """The general lookup: held runs read, misses planned (fetches
+        started), and how many bytes came from the cache."""
+        store = self.store
+        # While this read looks up and reads held runs, the clusters it found
+        # are pinned (not released for reuse). Misses only start their fetches
+        # in there: the base is waited for outside, so frees never wait on it.
+        parts: list[_Part] = []
+        from_cache = 0
+        with store.pinned():
+            for run in await store.lookup(offset, length):
+                held, guest, n, _ = run
+                if not held:
+                    got = self._miss(guest, n, wait=True)
+                    assert got is not None
+                    parts.extend(got)
+                else:
+                    from_cache += n
+                    parts.append(await store.read_run(run))
+        return parts, from_cache
+
+    def _plan_now(self, offset: int, length: int, *,
+                  wait: bool) -> tuple[list[_Part], int] | None:
+        """:meth:`_plan` with no await (None: the lookup would have to wait).
+        Held runs are read now (no await since the lookup: nothing can be
+        released meanwhile, no pin needed); a miss takes fetched bytes not
+        stored yet or fetches now from a base that reads without waiting (a
+        local file); else, with ``wait``, starts the fetches to wait for
+        (without: returns None)."""
+        store = self.store
+        runs = store.lookup_nowait(offset, length)
+        if runs is None:
+            return None
+        parts: list[_Part] = []
+        from_cache = 0
+        for run in runs:
+            if run[0]:
+                data = store.read_run_nowait(run)
+                if data is None:
+                    return None
+                from_cache += run[2]
+                parts.append(data)
+                continue
+            got = self._miss(run[1], run[2], wait=wait)
+            if got is None:
+                return None
+            parts.extend(got)
+        return parts, from_cache
+
+    def _served(self, offset: int, length: int, from_cache: int) -> None:
+        """Count a read served (a miss when any byte came from the base)."""
+        counters = self.counters
+        counters.bytes_from_cache += from_cache
+        if from_cache == length:
             counters.hits += 1
+            self.recorder.count_hit(offset, length)
+        else:
+            counters.misses += 1
         self.quota.touch(offset, length)
         self._dirty_counters = True
-        await self._maybe_flush()
-        if len(pieces) == 1 and isinstance(pieces[0], bytes):
-            return pieces[0]  # a miss that is exactly one fetch: no copy at all
-        # The one copy of a miss: fetched buffers are sliced as memoryviews.
-        return b"".join(pieces)
+        self._schedule_flush()
 
     async def settle(self) -> None:
         if self.base_version is not None:
@@ -413,12 +488,74 @@ class CacheLayer(BlockLayer):
 
     # -- misses ---------------------------------------------------------------------
 
-    def _start_miss(self, offset: int, length: int) -> list[_Segment]:
-        """Plan the bytes of a range the cache does not hold, starting a fetch
-        for each run of clusters neither held nor coming (single flight), and
-        return where each piece will come from. Never waits."""
+    def _read_now(self, offset: int, length: int) -> bytes | None:
+        """A read served without waiting (:meth:`_plan_now`), else None."""
+        if self._pending_bytes > _PENDING_STORES_MAX:
+            return None  # the cache file falls behind: pread() waits for it
+        planned = self._plan_now(offset, length, wait=False)
+        if planned is None:
+            return None
+        parts, from_cache = planned
+        pieces: list[bytes | memoryview] = []
+        for part in parts:
+            assert not isinstance(part, list)  # (nothing to wait for without wait)
+            pieces.append(part)
+        self._served(offset, length, from_cache)
+        return _joined(pieces)
+
+    def _miss(self, offset: int, length: int, *, wait: bool) -> list[_Part] | None:
+        """The bytes of a range the cache does not hold: fetched bytes not
+        stored yet, or fetched now from a base that reads without waiting
+        (single flight either way). Else, with ``wait``, the fetches to wait
+        for are started and the plan returned as segments; without, None."""
         cs = self.cs
         first, last = offset // cs, (offset + length - 1) // cs
+        inflight = self.inflight
+        fetch = inflight.get(first)
+        if fetch is not None and fetch.data is not None and last < fetch.start + fetch.count:
+            return [_slice(fetch, offset, offset + length, cs)]  # one fetch's bytes
+        # Fetch now only if no byte must be waited for anyway.
+        now = True
+        for ci in range(first, last + 1):
+            fetch = inflight.get(ci)
+            if fetch is not None and fetch.data is None:
+                if not wait:
+                    return None  # on its way: pread() waits for it
+                now = False
+                break
+        generation = self._generation
+        for start, count in self._runs_to_fetch(first, last):
+            off = start * cs
+            data = self.store.read_below_nowait(off, min(count * cs, self.size - off)) \
+                if now else None
+            if data is None:
+                if not wait:
+                    return None
+                now = False
+                fetch = _Fetch(start, count, asyncio.get_running_loop().create_future(),
+                               generation)
+            else:
+                fetch = _Fetch(start, count, None, generation)
+            for ci in range(start, start + count):
+                inflight[ci] = fetch
+            if data is None:
+                # The reader waits for the bytes (the fetch's future); they
+                # are stored afterwards, in the background.
+                self._background(self._fetch(fetch), "fetch")
+            else:
+                self._fetched(fetch, data)
+        segments = self._segments(offset, length)
+        out: list[_Part] = []
+        for fetch, lo, hi in segments:
+            if fetch is None or fetch.data is None:
+                return [segments] if wait else None  # something to wait for, or to look up
+            out.append(_slice(fetch, lo, hi, cs))
+        return out
+
+    def _runs_to_fetch(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Runs of clusters in [first, last] neither held nor coming, the last
+        one extended by read-ahead: (start, count) each."""
+        cs = self.cs
         inflight, cached = self.inflight, self.quota.held
         run_start: int | None = None
         fetches = []
@@ -432,23 +569,22 @@ class CacheLayer(BlockLayer):
                 run_start = None
         if self.readahead and fetches and sum(fetches[-1]) == last + 1:
             # Read ahead past the request while clusters are neither held nor coming.
-            start, count = fetches[-1]
+            start = fetches[-1][0]
             stop = min(last + 1 + self.readahead, -(-self.size // cs))
             k = last + 1
             while k < stop and k not in cached and k not in inflight:
                 k += 1
             fetches[-1] = (start, k - start)
-        loop = asyncio.get_running_loop()
-        for start, count in fetches:
-            fetch = _Fetch(start, loop.create_future())
-            for ci in range(start, start + count):
-                inflight[ci] = fetch
-            # The fetch stores in the background: the reader waits for the
-            # bytes (the fetch's future), never for the cache write.
-            self._background(self._fetch(fetch, count), "fetch")
+        return fetches
+
+    def _segments(self, offset: int, length: int) -> list[_Segment]:
+        """Where each piece of [offset, offset + length) comes from: the fetch
+        bringing its clusters (None: the cache)."""
+        cs = self.cs
+        inflight = self.inflight
         segments: list[_Segment] = []
         end = offset + length
-        for ci in range(first, last + 1):
+        for ci in range(offset // cs, (offset + length - 1) // cs + 1):
             lo, hi = max(offset, ci * cs), min(end, (ci + 1) * cs)
             source = inflight.get(ci)
             if segments:
@@ -468,36 +604,37 @@ class CacheLayer(BlockLayer):
             if fetch is None:
                 out.append(await self.store.read(lo, hi - lo))
                 continue
-            data = await fetch.future
-            base = fetch.start * cs
-            if lo == base and hi - lo == len(data):
-                out.append(data)
-            else:
-                out.append(memoryview(data)[lo - base:hi - base])
+            if fetch.data is None:
+                assert fetch.future is not None
+                await fetch.future
+            out.append(_slice(fetch, lo, hi, cs))
         return out
 
     async def _fetch_run(self, start: int, count: int) -> None:
-        """Fetch and store clusters [start, start+count), which are neither
-        cached nor in flight; readers asking for them meanwhile wait for it."""
-        fetch = _Fetch(start, asyncio.get_running_loop().create_future())
+        """Fetch clusters [start, start+count), which are neither cached nor
+        in flight; readers asking for them meanwhile wait for it."""
+        fetch = _Fetch(start, count, asyncio.get_running_loop().create_future(),
+                       self._generation)
         for ci in range(start, start + count):
             self.inflight[ci] = fetch
-        await self._fetch(fetch, count)
+        await self._fetch(fetch)
 
-    async def _fetch(self, fetch: _Fetch, count: int) -> None:
-        """Read clusters [start, start+count) from the base and store them."""
+    async def _fetch(self, fetch: _Fetch) -> None:
+        """Read a fetch's clusters from the base, hand them to its readers and
+        queue them to be stored."""
         cs = self.cs
-        start = fetch.start
-        off = start * cs
-        n = min(count * cs, self.size - off)
+        off = fetch.start * cs
+        n = min(fetch.count * cs, self.size - off)
         fut = fetch.future
+        assert fut is not None
         try:
-            generation = self._generation
             version = self.base_version
             observed = version.current if version is not None else 0
-            if version is not None and version.moved():
+            # The cheap look of the read path (a file's fstat at most every
+            # 200 us), not one per fetch.
+            if version is not None and version.poll():
                 await self._report_change(version, observed)
-                generation, version = self._generation, self.base_version
+                fetch.generation, version = self._generation, self.base_version
                 observed = version.current if version is not None else 0
             try:
                 data = await self.store.read_below(off, n)
@@ -506,29 +643,44 @@ class CacheLayer(BlockLayer):
                     raise
                 # The source saw a new version (ETag) in the middle of reading.
                 await self._report_change(version, observed)
-                generation = self._generation
+                fetch.generation = self._generation
                 data = await self.store.read_below(off, n)
         except BaseException as e:
             if not fut.done():
                 fut.set_exception(e)
                 fut.exception()  # waiters re-raise it; don't log it as unretrieved
-            self._forget(fetch, count)
+            self._forget(fetch)
             raise
-        self.counters.bytes_from_base += n
-        self.recorder.record(start, count, self.ext.quota // cs)
+        self._fetched(fetch, data)
         fut.set_result(data)
-        try:
-            if generation == self._generation:
-                await self._store(start, data, generation)
-        finally:
-            # Only now: until the store lands, newcomers must reuse this result.
-            self._forget(fetch, count)
 
-    def _forget(self, fetch: _Fetch, count: int) -> None:
+    def _fetched(self, fetch: _Fetch, data: bytes) -> None:
+        """A fetch's bytes arrived: count them, record them in the profile and
+        queue them to be stored (they stay in ``inflight`` until then)."""
+        fetch.data = data
+        self.counters.bytes_from_base += len(data)
+        self.recorder.record(fetch.start, fetch.count, self.ext.quota // self.cs)
+        if fetch.generation != self._generation:
+            self._forget(fetch)  # from before a reset: never stored
+            return
+        self._pending_stores.append(fetch)
+        self._pending_bytes += len(data)
+        if self._storer is None:
+            self._storer = asyncio.get_running_loop().create_task(self._run_stores(),
+                                                                  name="store")
+            self._tasks.add(self._storer)
+            self._storer.add_done_callback(self._task_done)
+
+    def _forget(self, fetch: _Fetch) -> None:
         inflight = self.inflight
-        for ci in range(fetch.start, fetch.start + count):
+        for ci in range(fetch.start, fetch.start + fetch.count):
             if inflight.get(ci) is fetch:
                 del inflight[ci]
+
+    async def _stores_landed(self) -> None:
+        """Wait until every fetch so far was stored (or its store given up)."""
+        while self._storer is not None and self._storer is not asyncio.current_task():
+            await asyncio.wait([self._storer])
 
     # -- a changing base (sources/version.py) ----------------------------------------
 
@@ -598,27 +750,126 @@ class CacheLayer(BlockLayer):
 
     # -- storing and the quota ---------------------------------------------------------
 
-    async def _store(self, start: int, data: bytes, generation: int) -> None:
+    async def _run_stores(self) -> None:
+        """Store fetched bytes, all those waiting at once, until none are left.
+        Fetches stay in ``inflight`` until their store is over, so a reader
+        meanwhile takes their bytes and never fetches them again."""
+        try:
+            while self._pending_stores:
+                batch, self._pending_stores = self._pending_stores, []
+                try:
+                    await self._store_batch(batch)
+                except Exception as e:
+                    self.counters.background_errors += 1
+                    log.warning("%s: background store failed: %s", self.name, e)
+                finally:
+                    for fetch in batch:
+                        self._pending_bytes -= len(fetch.data or b"")
+                        self._forget(fetch)
+        finally:
+            self._storer = None
+            for fetch in self._pending_stores:  # cancelled (closing): not stored
+                self._forget(fetch)
+            self._pending_stores = []
+            self._pending_bytes = 0
+
+    async def _store_batch(self, batch: list[_Fetch]) -> None:
         if time.monotonic() < self._store_paused_until:
             return
+        generation = self._generation
         # Decided (evictions, room) and reserved before any await, so that
         # concurrent stores can never take the cache past its quota together;
-        # clusters being fetched are never evicted.
-        victims, count = self.quota.plan_store(-(-len(data) // self.cs), self.inflight)
-        stored = 0
+        # clusters being fetched or waiting to be stored are never evicted.
+        victims: list[int] = []
+        plans: list[tuple[_Fetch, int]] = []
+        for fetch in batch:
+            if fetch.generation != generation or fetch.data is None:
+                continue
+            evict, count = self.quota.plan_store(-(-len(fetch.data) // self.cs), self.inflight)
+            victims += evict
+            if count:
+                plans.append((fetch, count))
+        left = sum(count for _, count in plans)  # reserved, neither held nor given back
         try:
             if victims:
                 await self._evict(victims)
-            if count:
-                stored = await self._store_pieces(start, memoryview(data), count, generation)
+            if plans:
+                held, error = await self._store_plans(plans, generation)
+                left -= held
+                if error is not None:
+                    raise error
         finally:
-            self.quota.unreserve(count - stored)  # stored clusters are held already
+            self.quota.unreserve(left)
+
+    async def _store_plans(self, plans: list[tuple[_Fetch, int]],
+                           generation: int) -> tuple[int, OSError | None]:
+        """Write the first ``count`` clusters of each fetch as one batch (in
+        pieces of at most 1 MiB); returns how many clusters are held now,
+        and the error to raise once they are counted (other than a full disk)."""
+        if generation != self._generation:
+            return 0, None  # dropped while evictions made room: nothing may be mapped now
+        cs = self.cs
+        step = max(_STORE_PIECE // cs, 1)
+        runs: list[tuple[int, bytes | memoryview]] = []
+        for fetch, count in plans:
+            assert fetch.data is not None
+            view = memoryview(fetch.data)
+            for k in range(0, count, step):
+                n = min(step, count - k)
+                runs.append((fetch.start + k, view[k * cs:(k + n) * cs]))
+        try:
+            await self.store.store_runs(runs)
+        except OSError as e:
+            return await self._store_after_error(plans, generation, e)
+        if generation != self._generation:
+            return 0, None  # dropped meanwhile: these clusters are being unmapped
+        for fetch, count in plans:
+            self._held_now(fetch.start, count)
+        return sum(count for _, count in plans), None
+
+    async def _store_after_error(self, plans: list[tuple[_Fetch, int]], generation: int,
+                                 error: OSError) -> tuple[int, OSError | None]:
+        """A batch failed part way: count what it stored; on a full disk, try
+        the rest piece by piece (then cluster by cluster), else hand the
+        error back."""
+        cs = self.cs
+        held = 0
+        rest: list[tuple[int, int, memoryview]] = []
+        for fetch, count in plans:
+            view = memoryview(fetch.data or b"")
+            off = fetch.start * cs
+            for is_held, guest, n, _ in await self.store.lookup(off, min(count * cs,
+                                                                        self.size - off)):
+                first, k = guest // cs, -(-n // cs)
+                if not is_held:
+                    skip = first - fetch.start
+                    rest.append((first, k, view[skip * cs:(skip + k) * cs]))
+                elif generation == self._generation:
+                    self._held_now(first, k)
+                    held += k
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return held, error  # (the reservation of the rest is given back by the caller)
+        for first, k, part in rest:
+            if time.monotonic() < self._store_paused_until:
+                break  # the disk is full: the rest is served from the base
+            got, failed = await self._store_pieces(first, part, k, generation)
+            held += got
+            if failed is not None:
+                return held, failed
+        return held, None
+
+    def _held_now(self, first: int, count: int) -> None:
+        """Reserved clusters [first, first + count) were stored: held from now on."""
+        self.quota.stored(range(first, first + count))
+        self.counters.clusters_stored += count
+        self._dirty_counters = True
 
     async def _store_pieces(self, start: int, view: memoryview, count: int,
-                            generation: int) -> int:
+                            generation: int) -> tuple[int, OSError | None]:
         """Write ``count`` clusters in pieces, so that a disk filling up keeps
         what fitted; when a piece does not fit, go on cluster by cluster.
-        Returns how many were stored."""
+        Returns how many were stored, and an error other than a full disk
+        that stopped it."""
         cs = self.cs
         step = max(_STORE_PIECE // cs, 1)
         first = start
@@ -632,7 +883,7 @@ class CacheLayer(BlockLayer):
                 await self.store.store(first, view[(first - start) * cs:(first - start + n) * cs])
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
+                    return first - start, e
                 if step > 1:
                     step = 1
                     continue
@@ -644,11 +895,9 @@ class CacheLayer(BlockLayer):
                 break
             if generation != self._generation:
                 break  # the cache was dropped meanwhile: this piece is being unmapped
-            self.quota.stored(range(first, first + n))
-            self.counters.clusters_stored += n
-            self._dirty_counters = True
+            self._held_now(first, n)
             first += n
-        return first - start
+        return first - start, None
 
     async def _evict(self, victims: list[int]) -> None:
         """Make clusters unallocated again (the caller already forgot them)."""
@@ -686,7 +935,7 @@ class CacheLayer(BlockLayer):
             log.warning("%s: background %s failed: %s", self.name, task.get_name(),
                         task.exception())
 
-    async def _maybe_flush(self) -> None:
+    def _schedule_flush(self) -> None:
         """Schedule a flush (counters, stored clusters) about a second from now."""
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.get_running_loop().create_task(
@@ -764,6 +1013,7 @@ class CacheLayer(BlockLayer):
             self._prefetch_inflight += n
             try:
                 await self._fetch_run(first, n)
+                await self._stores_landed()  # what it kept counts as prefetched
             finally:
                 self._prefetch_inflight -= n
             got = min(n * self.cs, self.size - first * self.cs)

@@ -19,7 +19,7 @@ from bootcache.block.store import Run
 from bootcache.errors import ImageFormatError
 from bootcache.qcow2 import profile_ext
 from bootcache.qcow2.check import check_image
-from bootcache.qcow2.clustermap import DATA, UNALLOC
+from bootcache.qcow2.clustermap import DATA, UNALLOC, ZERO
 from bootcache.qcow2.format import AUTOCLEAR_CACHE
 from bootcache.qcow2.image import Qcow2Image
 
@@ -63,6 +63,9 @@ class Qcow2CacheStore:
     async def read_below(self, offset: int, length: int) -> bytes:
         return await self.img.read_below(offset, length)
 
+    def read_below_nowait(self, offset: int, length: int) -> bytes | None:
+        return self.img.read_below_nowait(offset, length)
+
     # -- lookups and reads ---------------------------------------------------------
 
     def read_held_nowait(self, offset: int, length: int) -> bytes | None:
@@ -83,6 +86,21 @@ class Qcow2CacheStore:
         return [(run[0] != UNALLOC, run[1], run[2], run)
                 for run in await self.img.map_range(offset, length)]
 
+    def lookup_nowait(self, offset: int, length: int) -> list[Run] | None:
+        runs = self.img.map_range_nowait(offset, length)
+        if runs is None:
+            return None
+        return [(run[0] != UNALLOC, run[1], run[2], run) for run in runs]
+
+    def read_run_nowait(self, run: Run) -> bytes | None:
+        mapping = run[3]
+        if mapping[0] == DATA and self._pread_now is not None:
+            data: bytes = self._pread_now(mapping[3], mapping[2])
+            return data
+        if mapping[0] == ZERO:
+            return bytes(mapping[2])
+        return None
+
     async def read_run(self, run: Run) -> bytes:
         mapping = run[3]
         if mapping[0] == DATA:
@@ -102,6 +120,9 @@ class Qcow2CacheStore:
 
     async def store(self, first: int, data: bytes | memoryview) -> None:
         await self.img.pwrite(first * self.img.cs, data)
+
+    async def store_runs(self, runs: list[tuple[int, bytes | memoryview]]) -> None:
+        await self.img.store_clusters(runs)
 
     async def unmap(self, clusters: list[int]) -> None:
         await self.img.unmap_clusters(clusters)

@@ -181,29 +181,55 @@ class ClusterMap:
         """
         out: list[Mapping] = []
         pos, end = offset, offset + length
-        cb, cs, per = self.cb, self.cs, self.l2_entries
         while pos < end:
-            ci = pos >> cb
-            l1i, l2i = divmod(ci, per)
-            table = await self.table(l1i)
-            if table is None:
-                stop = min(end, (l1i + 1) * per * cs)
-                append_run(out, UNALLOC, pos, stop - pos, 0)
-                pos = stop
-                continue
-            while pos < end and l2i < per:
-                cluster_end = min(end, ((pos >> cb) + 1) << cb)
-                if self.extended:
-                    self._map_extended(out, table, l2i, pos, cluster_end)
-                else:
-                    kind, host = self.classify(table[l2i], ci)
-                    if host and kind != COMPRESSED:
-                        host += pos & (cs - 1)
-                    append_run(out, kind, pos, cluster_end - pos, host)
-                pos = cluster_end
-                l2i += 1
-                ci += 1
+            table = await self.table((pos >> self.cb) // self.l2_entries)
+            pos = self._map_table(out, table, pos, end)
         return out
+
+    def map_range_nowait(self, offset: int, length: int) -> list[Mapping] | None:
+        """:meth:`map_range` with no await: None when an L2 table it needs is
+        not in the cache (nothing is loaded)."""
+        out: list[Mapping] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            l1i = (pos >> self.cb) // self.l2_entries
+            table = None
+            if l1i < len(self.l1):
+                e = self.l1[l1i]
+                if e & L1E_RESERVED_MASK:
+                    return None  # map_range reports the damage
+                off = e & L1E_OFFSET_MASK
+                if off:
+                    table = self.l2_cache.lookup(off)
+                    if table is None:
+                        return None
+            pos = self._map_table(out, table, pos, end)
+        return out
+
+    def _map_table(self, out: list[Mapping], table: array[int] | None, pos: int,
+                   end: int) -> int:
+        """Map [pos, end) as far as the L2 table of ``pos`` reaches (``table``
+        None: not allocated); returns where it stopped."""
+        cb, cs, per = self.cb, self.cs, self.l2_entries
+        ci = pos >> cb
+        l1i, l2i = divmod(ci, per)
+        if table is None:
+            stop = min(end, (l1i + 1) * per * cs)
+            append_run(out, UNALLOC, pos, stop - pos, 0)
+            return stop
+        while pos < end and l2i < per:
+            cluster_end = min(end, ((pos >> cb) + 1) << cb)
+            if self.extended:
+                self._map_extended(out, table, l2i, pos, cluster_end)
+            else:
+                kind, host = self.classify(table[l2i], ci)
+                if host and kind != COMPRESSED:
+                    host += pos & (cs - 1)
+                append_run(out, kind, pos, cluster_end - pos, host)
+            pos = cluster_end
+            l2i += 1
+            ci += 1
+        return pos
 
     def classify(self, e: int, ci: int) -> tuple[int, int]:
         """(kind, host offset or entry) of a standard L2 entry for cluster ``ci``."""

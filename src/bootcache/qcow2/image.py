@@ -209,6 +209,10 @@ class Qcow2Image(SourceBacked, BlockLayer):
         """[offset, offset+length) as runs of one kind each (:meth:`ClusterMap.map_range`)."""
         return await self.map.map_range(offset, length)
 
+    def map_range_nowait(self, offset: int, length: int) -> list[Mapping] | None:
+        """:meth:`map_range` if the L2 tables it needs are cached, else None (no await)."""
+        return None if self.stale else self.map.map_range_nowait(offset, length)
+
     def compressed_clusters(self, entry: int) -> tuple[int, int]:
         return self.map.compressed_clusters(entry)
 
@@ -254,6 +258,17 @@ class Qcow2Image(SourceBacked, BlockLayer):
             return await below.pread(offset, length)
         part = await below.pread(offset, below.size - offset)
         return part + bytes(length - len(part))
+
+    def read_below_nowait(self, offset: int, length: int) -> bytes | None:
+        """:meth:`read_below` when the backing layer reads it without waiting
+        (:meth:`BlockLayer.pread_nowait`), else None."""
+        below = self.backing
+        if below is None or offset >= below.size:
+            return bytes(length)
+        if offset + length <= below.size:
+            return below.pread_nowait(offset, length)
+        part = below.pread_nowait(offset, below.size - offset)
+        return None if part is None else part + bytes(length - len(part))
 
     async def _read_compressed(self, entry: int) -> bytes:
         if self._last_compressed and self._last_compressed[0] == entry:
@@ -308,6 +323,94 @@ class Qcow2Image(SourceBacked, BlockLayer):
                 raise
         if fua:
             await self.flush()
+
+    async def store_clusters(self, runs: list[tuple[int, bytes | memoryview]]) -> None:
+        """Write runs of whole clusters, ``(first cluster, bytes)`` each (the
+        last cluster of the disk may be short), under one hold of the lock: a
+        cache's batch of stores. Clusters no L2 entry maps yet (a cache's
+        usual case) get their host clusters from one allocation for the
+        batch and one write per piece contiguous on the host; others go
+        through the ordinary write path. An OSError (a full disk) leaves
+        mapped exactly what was written (:meth:`map_range` tells) and gives
+        back the rest."""
+        self._require_writable()
+        cb, cs, per, m = self.cb, self.cs, self.l2_entries, self.map
+        async with self.lock:
+            try:
+                # Unmapped clusters, in order: guest cluster -> (run bytes, k-th cluster).
+                fresh: dict[int, tuple[memoryview, int]] = {}
+                table, table_l1i = None, -1  # the table looked at last (no await since)
+                for first, data in runs:
+                    self.check_range(first << cb, len(data))
+                    view = memoryview(data).cast("B")
+                    for k in range(-(-len(view) // cs)):
+                        ci = first + k
+                        if ci in fresh:
+                            fresh[ci] = (view, k)  # stored twice: the later bytes win
+                            continue
+                        l1i, l2i = divmod(ci, per)
+                        if table is None or l1i != table_l1i:
+                            table, table_l1i = await m.table_for_write(l1i), l1i
+                        if table[l2i]:
+                            await self._write(ci << cb, view[k * cs:(k + 1) * cs])
+                            table = None
+                        else:
+                            fresh[ci] = (view, k)
+                if fresh:
+                    await self._write_fresh(list(fresh.items()))
+            except ImageCorruptError:
+                await self._mark_corrupt()
+                raise
+
+    async def _write_fresh(self, fresh: list[tuple[int, tuple[memoryview, int]]]) -> None:
+        """Allocate host clusters for unmapped guest clusters, write their
+        bytes (one write per piece contiguous both in its run and on the
+        host), then map what was written: data and refcounts complete before
+        the L2 entries change, and the cache writes tables back after them."""
+        cb, cs, per, m, door = self.cb, self.cs, self.l2_entries, self.map, self.barrier
+        extents: list[tuple[int, int]] = []
+        try:
+            need = len(fresh)
+            while need:
+                start, got = await m.allocate_data(need)
+                extents.append((start, got))
+                need -= got
+        except BaseException:
+            for start, got in extents:
+                await self.refcounts.update(start, got, -1)
+            raise
+        hosts = [c << cb for start, got in extents for c in range(start, start + got)]
+        done = 0  # clusters written, in order
+        try:
+            while done < len(fresh):
+                view, k = fresh[done][1]
+                j = done + 1
+                while j < len(fresh) and fresh[j][1][0] is view and fresh[j][1][1] == k + j - done \
+                        and hosts[j] == hosts[done] + ((j - done) << cb):
+                    j += 1
+                data: bytes | memoryview = view[k * cs:(k + j - done) * cs]
+                if len(data) % cs:
+                    data = bytes(data) + bytes(cs - len(data) % cs)  # the disk's short end
+                await door.pwrite(hosts[done], data)
+                done = j
+        finally:
+            for host in hosts[done:]:
+                # Nothing references these: give them back (a full disk would
+                # otherwise stay full).
+                await self.refcounts.update(host >> cb, 1, -1)
+                await door.punch_hole(host, cs)
+            n = 0
+            while n < done:
+                # Tables are looked up now, not kept from before: the awaits
+                # above may have evicted (and reloaded) them.
+                l1i = fresh[n][0] // per
+                table = await m.table_for_write(l1i)
+                while n < done and fresh[n][0] // per == l1i:
+                    l2i = fresh[n][0] % per
+                    m.drop_reference(table[l2i])
+                    table[l2i] = hosts[n] | OFLAG_COPIED
+                    n += 1
+                m.touch(l1i, table)  # written back after the data and refcounts are durable
 
     async def _write(self, offset: int, view: memoryview) -> None:
         """Write within the lock: in place where a cluster is ours, else allocate."""
