@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import fcntl
 import glob
-import hashlib
 import importlib
 import logging
 import os
@@ -129,7 +128,8 @@ async def pull(src: str, cache: str, *, base: str | None = None,
             assert source is not None
             have = fetch.resume_point(part_fd, start, art.cs, size)
             resumed = have if have > len(start) else 0
-            stream = fetch.ArtifactBytes(part_fd, size, have)
+            stream = fetch.ArtifactBytes(part_fd, size, have,
+                                         digest=fetch.FileDigest(art.file_sha256_at))
             downloader = asyncio.create_task(fetch.download(source, stream))
         else:
             resumed = 0
@@ -298,25 +298,16 @@ def _frame_checksums(art: Artifact) -> bool:
 
 
 async def _hash_file(art: Artifact, stream: fetch.ArtifactBytes) -> bytes:
-    """file_sha256 of the artifact, as it arrives (its own 32 bytes read as zeros)."""
-    h = hashlib.sha256()
-    at = art.file_sha256_at
-
-    def add(off: int, n: int) -> None:
-        # Read and hashed on a worker thread: the event loop only waits.
-        chunk: bytes | bytearray = os.pread(stream.fd, n, off)
-        if len(chunk) != n:
-            raise BootcacheError("the downloaded artifact shrank while it was read")
-        if off <= at < off + n:
-            chunk = bytearray(chunk)
-            chunk[at - off:at - off + 32] = bytes(32)
-        h.update(chunk)
-
+    """file_sha256 of the artifact (its own 32 bytes read as zeros): hashed by
+    the download as it lands, or read from a local artifact."""
+    await stream.wait(stream.size)
+    if stream.digest is not None:
+        return stream.digest.digest()
+    digest = fetch.FileDigest(art.file_sha256_at)
     for off in range(0, stream.size, _HASH_STEP):
-        n = min(_HASH_STEP, stream.size - off)
-        await stream.wait(off + n)
-        await asyncio.to_thread(add, off, n)
-    return h.digest()
+        # On a worker thread: the event loop only waits.
+        await asyncio.to_thread(digest.add_file, stream.fd, min(off + _HASH_STEP, stream.size))
+    return digest.digest()
 
 
 async def _build(art: Artifact, stream: fetch.ArtifactBytes, cache: str, base_name: str,
@@ -414,6 +405,7 @@ async def _fill(art: Artifact, stream: fetch.ArtifactBytes, dcs: list[DataCluste
                 batch = dcs[first:first + per_batch]
                 start, end = batch[0].start, max(d.end for d in batch)
                 region = await stream.read(start, end - start)
+                stream.release(start)  # batches come in file order
                 expanded = pool.submit(_expand, art, batch, region, start)
                 writes.append(asyncio.create_task(
                     write_after(writes[-1] if writes else None, batch, expanded)))
