@@ -328,7 +328,8 @@ async def _build(art: Artifact, stream: fetch.ArtifactBytes, cache: str, base_na
         os.fchmod(fd, 0o644)  # as bootcache create makes images, not mkstemp's 0600
         direct_fd = seqwrite.open_direct(tmp)
         # Around the page cache where the file system allows (see open_direct);
-        # else synced as it goes, so writeback overlaps the download, not the end.
+        # synced as it goes either way, so writeback and the file system's
+        # records of the new blocks overlap the download, not the end.
         writer = seqwrite.SequentialWriter(fd, layout, sync_every=16 << 20, direct_fd=direct_fd)
         writer.write_metadata(seqwrite.metadata(layout))
         log.debug("metadata read, %d data clusters; download at %d", len(dcs), stream.available)
