@@ -10,6 +10,7 @@ must be; qemu-img check judges the cache afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -18,16 +19,21 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bootcache.layers.chain import open_layer
+from bootcache.layers.prefetch import Prefetcher
 
 from .conftest import (
     CLUSTER,
     NBDKIT,
     QEMU_IMG,
     QEMU_IO,
+    KiB,
     MiB,
     assert_qemu_check,
     cached_clusters,
@@ -41,16 +47,34 @@ from .conftest import bootcache as bootcache_cli
 SAMPLES = 8 * 4096  # the identity's sampled blocks (spec section 5), read at each open
 
 
-class SlowBase:
-    """nbdkit --filter=log --filter=rate file BASE: the storage node and its link."""
+@dataclass
+class LoggedRead:
+    connection: str
+    offset: int
+    length: int
+    begin: int  # line numbers in nbdkit's log
+    end: int
 
-    def __init__(self, base: Path, sockdir: str, rate: str) -> None:
+    def open_at(self, line: int) -> bool:
+        return self.begin < line and (line < self.end or self.end < 0)
+
+
+class SlowBase:
+    """nbdkit --filter=log --filter=rate file BASE: the storage node and its link.
+
+    The log filter is the outer one (the first named is nearest the client):
+    a read begins in its log when it arrives, before the link's delay, which
+    ``burstiness`` seconds of credit (nbdkit's default: 2) let reads skip."""
+
+    def __init__(self, base: Path, sockdir: str, rate: str,
+                 burstiness: float | None = None) -> None:
         self.sock = os.path.join(sockdir, "base.sock")
         self.log = Path(sockdir) / "base.log"
         self.uri = f"nbd+unix:///?socket={self.sock}"
         self.proc = subprocess.Popen(
             [NBDKIT, "-f", "--exit-with-parent", "-U", self.sock, "-r", "--filter=log",
-             "--filter=rate", "file", os.fspath(base), f"logfile={self.log}", f"rate={rate}"],
+             "--filter=rate", "file", os.fspath(base), f"logfile={self.log}", f"rate={rate}",
+             *([f"burstiness={burstiness}"] if burstiness is not None else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(self.sock), 10, "nbdkit")
 
@@ -63,6 +87,27 @@ class SlowBase:
             if " Read id=" in line and "...Read" not in line:
                 fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
                 out.append((int(fields["offset"], 16), int(fields["count"], 16)))
+        return out
+
+    def timeline(self, finished: bool = True) -> list[LoggedRead]:
+        """Every read in the order nbdkit received them, with the log lines
+        where each began and ended (its reply was made; -1: not yet) and its
+        connection. ``finished``: wait until every read begun has ended."""
+        if finished:
+            wait_for(lambda: self.log.read_text().count(" Read id=")
+                     == self.log.read_text().count("...Read id="), 10, "nbdkit log")
+        begun: dict[tuple[str, str], LoggedRead] = {}
+        out = []
+        for i, line in enumerate(self.log.read_text().splitlines()):
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            key = (fields.get("connection", ""), fields.get("id", ""))
+            if " Read id=" in line and "...Read" not in line:
+                read = LoggedRead(key[0], int(fields["offset"], 16), int(fields["count"], 16),
+                                  i, -1)
+                begun[key] = read
+                out.append(read)
+            elif "...Read id=" in line:
+                begun.pop(key).end = i
         return out
 
     def cluster_reads(self) -> Counter[int]:
@@ -169,6 +214,88 @@ def test_prefetch_during_a_reader_storm_serves_correct_bytes_once(
         counts = link.cluster_reads()
         assert set(counts) == set(range(256)) and set(counts.values()) == {1}, counts
         assert_qemu_check(cache)
+    finally:
+        link.stop()
+
+
+def test_prefetch_ramps_up_one_request_at_a_time_while_nobody_reads(
+        tmp_path: Path, sockdir: str) -> None:
+    """With no reader, the prefetch starts with one small request at a time,
+    grows it step by step, and only then runs two large requests at once."""
+    make_base(tmp_path / "base.raw", 64 * MiB, seed=78)
+    link = SlowBase(tmp_path / "base.raw", sockdir, rate="128M", burstiness=0.05)
+    try:
+        order = list(range(16, 16 + 768))  # one run of 48 MiB: longer than the ramp
+        profile_trace(tmp_path / "boot.trace", order)
+        cache = tmp_path / "cache.qcow2"
+        create_profiled_cache(cache, link.uri, tmp_path / "boot.trace")
+        daemon = Daemon(cache, sockdir)
+        try:
+            wait_for(lambda: daemon.stats()["cached_clusters"] == len(order), 120, "prefetch")
+        finally:
+            daemon.stop()
+        reads = [r for r in link.timeline() if r.length >= CLUSTER]
+        sizes = [r.length for r in reads]
+        assert sum(sizes) == len(order) * CLUSTER
+        steps = [128 * KiB, 256 * KiB, 512 * KiB, MiB]
+        ramp = sizes[:-2]  # of the last two (at full speed), one ends the run
+        assert set(ramp) <= set(steps), sizes
+        assert ramp == sorted(ramp), f"not a ramp: {sizes}"
+        assert sizes[0] < MiB and MiB in sizes, sizes
+        for r in reads[:-2]:
+            if r.length < MiB:  # below full speed: nothing else on the wire
+                assert not any(o is not r and (r.open_at(o.begin) or o.open_at(r.begin))
+                               for o in reads), f"{r} overlapped another request"
+        big = [r for r in reads if r.length == MiB]
+        assert any(a.open_at(b.begin) for a in big for b in big), "never two at once"
+        assert_qemu_check(cache)
+    finally:
+        link.stop()
+
+
+def test_demand_reads_avoid_the_connections_of_prefetch_requests(
+        storage: tuple[Path, bytes, str]) -> None:
+    """A reader's misses go on base connections that carry no prefetch
+    request (its reply would be queued ahead of theirs), while a prefetch at
+    full speed (two requests of 1 MiB on the wire) runs beside them."""
+    tmp, base, sockdir = storage
+    link = SlowBase(tmp / "base.raw", sockdir, rate="256M", burstiness=0.05)
+    try:
+        profile_trace(tmp / "boot.trace", list(range(128)))  # the first 8 MiB
+        cache = tmp / "cache.qcow2"
+        create_profiled_cache(cache, link.uri, tmp / "boot.trace")
+        wanted = [160 + 3 * k for k in range(8)]  # clusters no prefetch fetches
+
+        async def main() -> list[bytes]:
+            layer = await open_layer(str(cache))
+            try:
+                prefetch = Prefetcher(layer, quiet=0).start()  # full speed, no yielding
+                # Until a prefetch request of 1 MiB is on the wire, then readers.
+                while not any(r.length == MiB and r.end < 0
+                              for r in link.timeline(finished=False)):
+                    await asyncio.sleep(0.001)
+                got = await asyncio.gather(*(layer.pread(ci * CLUSTER, CLUSTER)
+                                             for ci in wanted))
+                await prefetch.stop()
+                return got
+            finally:
+                await layer.close()
+
+        got = asyncio.run(main())
+        for ci, data in zip(wanted, got, strict=True):
+            assert data == base[ci * CLUSTER:(ci + 1) * CLUSTER], f"cluster {ci}"
+        reads = [r for r in link.timeline() if r.length >= CLUSTER]  # not identity samples
+        prefetches = [r for r in reads if r.offset < 8 * MiB]
+        demand = [r for r in reads if r.offset // CLUSTER in wanted]
+        assert {r.offset // CLUSTER for r in demand} == set(wanted)
+        assert len({r.connection for r in reads}) == 4, "not a pool of 4 connections"
+        beside = 0
+        for d in demand:
+            ahead = [p for p in prefetches if p.open_at(d.begin)]
+            beside += bool(ahead)
+            assert all(p.connection != d.connection for p in ahead), \
+                f"demand read {d} sent behind prefetch {ahead}"
+        assert beside, "no demand read ran beside the prefetch: the test proves nothing"
     finally:
         link.stop()
 

@@ -1,14 +1,16 @@
 """Prefetch: fetch the clusters a cache's boot profile names, before a guest asks.
 
 The prefetcher walks the profile in order, skips what the cache holds (so a
-restarted daemon resumes where it stopped), merges what is missing into
-requests of up to ``request_bytes`` and keeps at most ``concurrency`` of them
-in flight. Readers go first: no request starts while guests are reading,
-and while they were active lately only one small one at a time, so a
-reader's miss queues behind little on the link (see ``_allowance``). It
-stops at the quota (it never evicts). It talks to the cache only through
-layers/cache_profile.PrefetchTarget (``profile``, ``holds``, ``room``,
-``demand_in_flight``, ``reads_served``, ``fill``).
+restarted daemon resumes where it stopped), and fetches what is missing in
+requests whose size and number ramp up with how long readers have been
+quiet (``RAMP``): none while guests are reading, then one small request at
+a time, growing, and ``concurrency`` requests of ``request_bytes`` only
+after a long quiet. A reader that arrives mid-prefetch thus waits for at
+most one small request on the link, and its read goes on a base connection
+no prefetch reply is queued on (its requests run as background reads,
+sources/priority.py). It stops at the quota (it never evicts). It talks to
+the cache only through layers/cache_profile.PrefetchTarget (``profile``,
+``holds``, ``room``, ``demand_in_flight``, ``reads_served``, ``fill``).
 """
 
 from __future__ import annotations
@@ -17,20 +19,24 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bootcache.layers.cache_profile import PrefetchTarget
+from bootcache.sources.priority import background
 
 log = logging.getLogger("bootcache.prefetch")
 
 DEFAULT_CONCURRENCY = 2
 DEFAULT_REQUEST = 1 << 20
-#: No request starts until readers have not waited on the base for this long...
+#: No request starts until readers have neither read nor waited on the base for this long.
 DEFAULT_QUIET = 0.02
-#: ...and until they have been quiet this long, one small request at a time.
-DEFAULT_CALM = 0.25
-DEFAULT_SMALL_REQUEST = 128 << 10
+#: Then, by how long readers have been quiet (seconds): one request at a time
+#: of at most this many bytes (about 1, 2 and 4 ms on a 1 Gbit/s link: what a
+#: reader arriving then may wait for)...
+RAMP = ((DEFAULT_QUIET, 128 << 10), (0.25, 256 << 10), (1.0, 512 << 10))
+#: ...and from this long on, ``concurrency`` requests of ``request_bytes``.
+DEFAULT_LONG_QUIET = 2.0
 
 
 @dataclass
@@ -47,15 +53,19 @@ class Prefetcher:
 
     def __init__(self, cache: PrefetchTarget, *, concurrency: int = DEFAULT_CONCURRENCY,
                  request_bytes: int = DEFAULT_REQUEST, quiet: float = DEFAULT_QUIET,
-                 calm: float = DEFAULT_CALM, small_request: int = DEFAULT_SMALL_REQUEST,
+                 long_quiet: float = DEFAULT_LONG_QUIET,
                  progress: Callable[[int], None] | None = None) -> None:
-        """``quiet`` 0: no reader to make way for (``cache warm``)."""
+        """``quiet`` 0: no reader to make way for (``cache warm``): full speed
+        at once. Otherwise the ramp starts after ``quiet`` seconds without
+        readers and reaches full speed after ``long_quiet``."""
         self.cache = cache
         self.concurrency = max(concurrency, 1)
         self.request_clusters = max(request_bytes // cache.cs, 1)
-        self.small_clusters = max(min(small_request, request_bytes) // cache.cs, 1)
         self.quiet = quiet
-        self.calm = max(calm, quiet)
+        self.long_quiet = max(long_quiet, quiet)
+        # (quiet seconds, clusters per request): each step one request at a time.
+        self.ramp = [(max(t, quiet), max(min(n, request_bytes) // cache.cs, 1))
+                     for t, n in RAMP if t < self.long_quiet]
         # How often a waiting prefetch looks at the readers again (a miss that
         # comes and goes meanwhile still shows in reads_served).
         self._poll = max(quiet / 4, 0.001)
@@ -86,12 +96,6 @@ class Prefetcher:
     def planned_bytes(self) -> int:
         size, cs = self.cache.size, self.cache.cs
         return sum(min(n * cs, size - s * cs) for s, n in self.missing())
-
-    def _requests(self, runs: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-        step = self.request_clusters
-        for start, count in runs:
-            for first in range(start, start + count, step):
-                yield first, min(step, start + count - first)
 
     # -- running -------------------------------------------------------------------
 
@@ -125,7 +129,8 @@ class Prefetcher:
             return res
         log.info("%s: prefetching %d bytes of the boot profile", self.cache.name,
                  res.planned_bytes)
-        todo = deque(self._requests(runs))
+        # Requests are cut from the head of these runs at the size allowed then.
+        todo = deque(runs)
         pending: set[asyncio.Task[None]] = set()
         failure: list[BaseException] = []
         try:
@@ -165,7 +170,8 @@ class Prefetcher:
 
     async def _one(self, first: int, count: int, failure: list[BaseException]) -> None:
         try:
-            got = await self.cache.fill(first, count)
+            with background():  # the base keeps guests' reads off its connection
+                got = await self.cache.fill(first, count)
             self.result.fetched_bytes += got
             if self.progress is not None:
                 self.progress(got)
@@ -176,11 +182,11 @@ class Prefetcher:
         """(requests that may be in flight, clusters per request) right now.
 
         Readers go first: none while a reader read (hit or miss) or waited on
-        the base in the last ``quiet`` seconds; one small request while they
-        were active in the last ``calm`` seconds (a miss arriving then queues
-        behind at most that much on the link, and a hit waits for little
-        work of ours in the event loop); else full concurrency and large
-        requests.
+        the base in the last ``quiet`` seconds; then one request at a time,
+        growing along ``RAMP`` (a miss arriving then queues behind at most
+        that one request on the link, and a hit waits for little work of
+        ours in the event loop); full concurrency and large requests only
+        once readers have been quiet for ``long_quiet``.
         """
         if not self.quiet:
             return self.concurrency, self.request_clusters
@@ -190,8 +196,10 @@ class Prefetcher:
             self._last_demand = now
             self._last_reads = reads
         idle = now - self._last_demand
-        if idle < self.quiet:
-            return 0, 0
-        if idle < self.calm:
-            return 1, self.small_clusters
-        return self.concurrency, self.request_clusters
+        if idle >= self.long_quiet:
+            return self.concurrency, self.request_clusters
+        allowed = 0, 0
+        for after, clusters in self.ramp:
+            if idle >= after:
+                allowed = 1, clusters
+        return allowed

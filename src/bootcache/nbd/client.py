@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from bootcache.errors import SourceError
 from bootcache.nbd import wire as w
+from bootcache.sources.priority import is_background
 from bootcache.sources.resilience import (
     RemoteOptions,
     RemoteSource,
@@ -172,12 +173,15 @@ class ExportInfo:
 class _Read:
     """A read in flight: where its reply chunks go."""
 
-    __slots__ = ("covered", "data", "error", "future", "length", "offset")
+    __slots__ = ("background", "covered", "data", "error", "future", "length", "offset")
 
-    def __init__(self, offset: int, length: int, future: asyncio.Future[bytes]) -> None:
+    def __init__(self, offset: int, length: int, future: asyncio.Future[bytes],
+                 background: bool = False) -> None:
         self.offset = offset
         self.length = length
         self.future = future
+        #: A background reader's (sources/priority.py): demand reads avoid its connection.
+        self.background = background
         self.data: bytes | bytearray | None = None
         self.covered = 0
         self.error: SourceError | None = None
@@ -226,6 +230,8 @@ class NbdConnection:
         self._reader = reader
         self._writer = writer
         self._pending: dict[int, _Read] = {}
+        #: How many of the pending reads are background reads.
+        self.background_pending = 0
         self._next_handle = 1
         self._broken: SourceError | None = None
         self.last_progress = time.monotonic()
@@ -271,7 +277,8 @@ class NbdConnection:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         if not self._pending:
             self.last_progress = time.monotonic()
-        self._pending[handle] = _Read(offset, length, fut)
+        req = self._pending[handle] = _Read(offset, length, fut, is_background())
+        self.background_pending += req.background
         try:
             self._writer.write(w.REQUEST.pack(w.REQUEST_MAGIC, 0, w.CMD_READ, handle,
                                               offset, length))
@@ -347,13 +354,14 @@ class NbdConnection:
         else:
             raise NbdProtocolError(f"{self.name}: unexpected reply chunk type {kind}")
         if flags & w.REPLY_FLAG_DONE:
-            del self._pending[handle]
+            self._take(handle)
             req.finish(self.name)
 
     def _take(self, handle: int) -> _Read:
         req = self._pending.pop(handle, None)
         if req is None:
             raise NbdProtocolError(f"{self.name}: reply for unknown handle {handle}")
+        self.background_pending -= req.background
         return req
 
     def _fail(self, error: SourceError) -> None:
@@ -361,6 +369,7 @@ class NbdConnection:
         if self._broken is None:
             self._broken = error
         pending, self._pending = self._pending, {}
+        self.background_pending = 0
         for req in pending.values():
             if not req.future.done():
                 req.future.set_exception(error)
@@ -602,13 +611,21 @@ class NbdSource(RemoteSource):
         self.max_request = max(min(self.options.max_request, info.max_block), info.min_block)
 
     def _pick(self) -> int:
-        """The slot to use: an empty/broken one to fill, else the least busy."""
-        best, load = 0, None
+        """The slot to use: an empty/broken one to fill, else the least busy.
+
+        A connection that carries a background read (a prefetch's) counts as
+        busier than any that carries none: a demand read queues behind
+        another reply on its socket, so it goes where no prefetch reply is
+        ahead of it whenever such a connection exists (a prefetch keeps at
+        most two reads in flight, the pool has up to four connections).
+        """
+        best, load = 0, (True, 0)
         for i, conn in enumerate(self._conns):
             if conn is None or conn.broken:
                 return i
-            if load is None or conn.pending < load:
-                best, load = i, conn.pending
+            mine = (conn.background_pending > 0, conn.pending)
+            if i == 0 or mine < load:
+                best, load = i, mine
         return best
 
     async def _fetch(self, offset: int, length: int) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 from collections import deque
@@ -27,13 +28,59 @@ _CHUNK = 512 << 10
 _CHUNKS_IN_FLIGHT = 2
 
 
-class ArtifactBytes:
-    """A local file whose first ``available`` bytes of ``size`` are there to read."""
+#: Downloaded bytes kept in memory for the reader, at most (beyond, it reads the file).
+_KEEP_MAX = 64 << 20
 
-    def __init__(self, fd: int, size: int, available: int) -> None:
+
+class FileDigest:
+    """SHA-256 of an artifact's bytes, fed in order, its own 32-byte digest
+    field (at ``zero_at``) read as zeros (spec section 13)."""
+
+    def __init__(self, zero_at: int) -> None:
+        self.zero_at = zero_at
+        self.done = 0
+        self._h = hashlib.sha256()
+
+    def add(self, data: bytes | bytearray | memoryview) -> None:
+        """The next bytes of the file (from offset ``done``)."""
+        off, at = self.done, self.zero_at
+        if off < at + 32 and at < off + len(data):
+            patched = bytearray(data)
+            lo, hi = max(at - off, 0), min(at + 32 - off, len(data))
+            patched[lo:hi] = bytes(hi - lo)
+            data = patched
+        self._h.update(data)
+        self.done += len(data)
+
+    def add_file(self, fd: int, end: int) -> None:
+        """Feed the file's bytes from ``done`` up to ``end`` (read from ``fd``)."""
+        while self.done < end:
+            chunk = os.pread(fd, min(1 << 20, end - self.done), self.done)
+            if not chunk:
+                raise BootcacheError("the partial download shrank while it was read")
+            self.add(chunk)
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+
+class ArtifactBytes:
+    """A local file whose first ``available`` bytes of ``size`` are there to read.
+
+    A download also keeps the chunks it writes in memory until the reader
+    has passed them (``release``), so the reader gets them without reading
+    back what was just written; and it hashes them as they land (``digest``,
+    when given), so the file is not read a second time for its digest.
+    """
+
+    def __init__(self, fd: int, size: int, available: int,
+                 digest: FileDigest | None = None) -> None:
         self.fd = fd
         self.size = size
         self.available = available
+        self.digest = digest
+        self._kept: deque[tuple[int, bytes]] = deque()
+        self._kept_bytes = 0
         self._changed = asyncio.Event()
         self._error: BaseException | None = None
 
@@ -50,12 +97,40 @@ class ArtifactBytes:
 
     async def read(self, offset: int, length: int) -> bytes:
         await self.wait(offset + length)
-        data = os.pread(self.fd, length, offset)
-        if len(data) != min(length, self.size - offset):
+        length = min(length, self.size - offset)
+        data = self._from_memory(offset, length)
+        if data is None:
+            data = os.pread(self.fd, length, offset)
+        if len(data) != length:
             raise BootcacheError("the downloaded artifact shrank while it was read")
         return data
 
-    def advance(self, available: int) -> None:
+    def _from_memory(self, offset: int, length: int) -> bytes | None:
+        end, pos = offset + length, offset
+        parts: list[memoryview] = []
+        for start, chunk in self._kept:
+            stop = start + len(chunk)
+            if stop <= pos:
+                continue
+            if start > pos:
+                break
+            parts.append(memoryview(chunk)[pos - start:min(stop, end) - start])
+            pos = min(stop, end)
+            if pos >= end:
+                break
+        return b"".join(parts) if pos >= end and parts else None
+
+    def release(self, before: int) -> None:
+        """The reader needs nothing before ``before`` any more."""
+        kept = self._kept
+        while kept and kept[0][0] + len(kept[0][1]) <= before:
+            self._kept_bytes -= len(kept.popleft()[1])
+
+    def advance(self, available: int, chunk: bytes | None = None) -> None:
+        """Bytes up to ``available`` are in the file; ``chunk`` ends there."""
+        if chunk is not None and self._kept_bytes + len(chunk) <= _KEEP_MAX:
+            self._kept.append((available - len(chunk), chunk))
+            self._kept_bytes += len(chunk)
         self.available = available
         self._changed.set()
 
@@ -105,7 +180,12 @@ async def download(source: ByteSource, into: ArtifactBytes) -> None:
             pending.append((offset, asyncio.create_task(source.pread(offset, n))))
             offset += n
 
+    digest, there = into.digest, offset
     try:
+        ask()
+        if digest is not None and digest.done < there:
+            # What was there before (the head, a resumed part), while the rest comes.
+            await asyncio.to_thread(digest.add_file, into.fd, there)
         while offset < into.size or pending:
             ask()
             at, task = pending.popleft()
@@ -113,10 +193,10 @@ async def download(source: ByteSource, into: ArtifactBytes) -> None:
             ask()  # the link stays busy while these bytes land
             # Off the event loop, which meanwhile receives the next chunks: a
             # write into fresh page-cache pages can take milliseconds.
-            await asyncio.to_thread(_write_all, into.fd, data, at)
-            into.advance(at + len(data))
+            await asyncio.to_thread(_land, into.fd, digest, data, at)
+            into.advance(at + len(data), data)
         log.debug("%s: downloaded", source.name)
-    except (SourceError, OSError) as e:
+    except (SourceError, OSError, BootcacheError) as e:
         into.fail(e)
         raise
     finally:
@@ -127,7 +207,10 @@ async def download(source: ByteSource, into: ArtifactBytes) -> None:
                 await task
 
 
-def _write_all(fd: int, data: bytes, at: int) -> None:
+def _land(fd: int, digest: FileDigest | None, data: bytes, at: int) -> None:
+    """Write a chunk into the partial file, and hash it (chunks land in order)."""
     done = 0
     while done < len(data):
         done += os.pwrite(fd, memoryview(data)[done:], at + done)
+    if digest is not None:
+        digest.add(data)

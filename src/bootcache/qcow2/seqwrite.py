@@ -280,7 +280,10 @@ class SequentialWriter:
         self._pending.append(data)
         self._pending_bytes += len(data)
         self._pos += len(data)
-        if self._pending_bytes >= 8 << 20 or len(self._pending) >= 512:
+        # Direct writes go out a staging buffer at a time, so what is left for
+        # finish() (after the last data) is at most one buffer.
+        limit = _STAGE if self._stage is not None else 8 << 20
+        if self._pending_bytes >= limit or len(self._pending) >= 512:
             self._drain()
 
     def _drain(self) -> None:
@@ -316,8 +319,14 @@ class SequentialWriter:
                     _pwrite_all(self._direct_fd, stage, self._stage_at)
                     self._stage_at += _STAGE
                     self._staged = 0
+                    self._unsynced += _STAGE
         self._pending = []
         self._pending_bytes = 0
+        if self._sync_every and self._unsynced >= self._sync_every:
+            # Direct writes leave the data on the device, but the file's new
+            # blocks are recorded at a sync: done as it goes, the last has little left.
+            os.fdatasync(self.fd)
+            self._unsynced = 0
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview | mmap.mmap, at: int) -> None:
