@@ -61,6 +61,45 @@ def test_keep_alive_reuses_connections(nginx: NginxServer) -> None:
     assert max(int(line[1]) for line in log) >= 20  # many requests per connection
 
 
+def test_kept_connection_closed_by_the_server(nginx: NginxServer) -> None:
+    """A kept-alive connection stays watched between requests. When the server
+    closes it (a restart), the next request opens another one, whether the
+    loop saw the close or not (libcurl finds the connection dead and closes
+    it, and the new one likely gets the same socket number), and whether or
+    not the number was meanwhile taken by a file."""
+    data = os.urandom(1 << 20)
+    nginx.put("base.img", data)
+    url = nginx.url("base.img")
+
+    async def go() -> int:
+        transport = CurlTransport(SETTINGS)
+        held: list[int] = []
+        try:
+            for i in range(6):
+                r = await transport.get(url, start=i * 4096, end=i * 4096 + 4095, limit=4096)
+                assert r.status == 206 and r.body == data[i * 4096:(i + 1) * 4096]
+                if i % 2:
+                    # The loop runs meanwhile: it sees the kept connection close.
+                    await asyncio.to_thread(nginx.stop)
+                    await asyncio.to_thread(nginx.start)
+                else:
+                    nginx.stop()  # the loop is held: it does not
+                    nginx.start()
+                if i % 3 == 2:
+                    # Take the lowest free number, as another part of a node would.
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            async with asyncio.timeout(10):
+                r = await transport.get(url, start=0, end=99, limit=100)
+            assert r.status == 206 and r.body == data[:100]
+            return transport.connects
+        finally:
+            await transport.close()
+            for fd in held:
+                os.close(fd)
+
+    assert asyncio.run(go()) == 7  # one connection per server run
+
+
 def test_statuses(nginx: NginxServer) -> None:
     nginx.put("base.img", b"x" * 1000)
 
