@@ -213,13 +213,16 @@ def test_cancellations_never_leak_bytes_into_later_requests(nginx: NginxServer) 
 def test_http_object_replaced_mid_read(nginx: NginxServer) -> None:
     """A read made of many requests while the object is replaced: it returns
     the old bytes whole or raises SourceChangedError, never a mix."""
-    old, new = os.urandom(8 << 20), os.urandom(8 << 20)
+    old, new = os.urandom(1 << 20), os.urandom(1 << 20)
     nginx.put("base.img", old)
 
     async def go() -> None:
-        # 32 requests of 256 KiB, one at a time.
-        src = await HttpSource.open(nginx.url("base.img"), RemoteOptions(
-            max_request=256 << 10, concurrency=1))
+        # 16 requests of 64 KiB, one at a time, from /slow/ (1 MiB/s): a reply
+        # can be whole by the time its request is sent (libcurl then finishes
+        # it in the same call), and a fast server would let every request of
+        # the read end in one turn of the loop, before the test can act.
+        src = await HttpSource.open(nginx.url("base.img", "slow"), RemoteOptions(
+            max_request=64 << 10, concurrency=1))
         try:
             read = asyncio.ensure_future(src.pread(0, len(old)))
             while src.stats()["bytes"] == 0:  # until the first request is answered
