@@ -177,8 +177,8 @@ def test_cancelled_request_leaves_the_transport_usable(nginx: NginxServer) -> No
 
 
 def test_cancellations_never_leak_bytes_into_later_requests(nginx: NginxServer) -> None:
-    """Requests cancelled at random points (their handles are reused only once
-    the worker has taken them out of the multi): every later reply is exact."""
+    """Requests cancelled at random points (a cancelled handle leaves the multi,
+    closing its connection, before it is reused): every later reply is exact."""
     data = os.urandom(8 << 20)
     nginx.put("base.img", data)
     url = nginx.url("base.img")
