@@ -2,16 +2,16 @@
 
 One ``CurlMulti`` per source runs every request; libcurl keeps the
 connections (keep-alive), and a share handle keeps DNS answers and TLS
-sessions across its easy handles. The multi handle lives in a worker
-thread of its own, which waits on the sockets libcurl names
-(``M_SOCKETFUNCTION``, ``M_TIMERFUNCTION``) and runs ``socket_action``
-(pycurl releases the GIL while libcurl sends, receives and decrypts); the
-event loop only prepares a request, hands it over and gets the reply back
-(``call_soon_threadsafe``, several replies per wake-up when they finish
-together). Measured against driving the multi handle from the loop's own
-readers and timers (BENCHMARKS.md, issue 13), this halves the loop's CPU
-per cold miss for about the same total, and the loop is what serves every
-VM of a node.
+sessions across its easy handles. The multi handle is driven by the event
+loop itself: libcurl names the sockets to watch and its timer
+(``M_SOCKETFUNCTION``, ``M_TIMERFUNCTION``); the sockets go into an epoll
+set of the transport's own, which the loop watches as one reader, and
+``socket_action`` runs when one is ready (pycurl releases the GIL while
+libcurl sends, receives and decrypts). A request is sent from the call
+that starts it. A cold miss thus crosses no thread: an earlier version ran
+the multi handle in a worker thread, and its two hand-overs per request
+(a wake-up each way, and the GIL passed between the threads) cost more
+time than the loop saved (BENCHMARKS.md, issue 13).
 
 Only the transport lives here: a request returns the final status, the
 headers and at most ``limit`` body bytes (a longer body is cut off and
@@ -23,26 +23,18 @@ policy in resilience.py.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import logging
-import selectors
-import socket
+import select
 import ssl
-import threading
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pycurl  # type: ignore[import-untyped]
 
 from bootcache.errors import SourceError
 from bootcache.sources.resilience import TransientError
-
-log = logging.getLogger(__name__)
 
 # libcurl errors that another attempt cannot fix: bad URL or protocol, a
 # redirect loop, certificates and TLS set-up refused.
@@ -55,10 +47,6 @@ _PERMANENT = frozenset({
 # libcurl reads up to this much per receive call: a 64 KiB-1 MiB body then
 # reaches Python in one or a few pieces.
 _BUFFER_SIZE = 1 << 20
-
-
-class _LoopGone(Exception):
-    """The event loop a transport answers to has closed."""
 
 
 class TransferFailed(Exception):
@@ -182,11 +170,11 @@ class _Exchange:
 
 
 class CurlTransport:
-    """Runs requests for one source in a worker thread of its own.
+    """Runs requests for one source on the event loop that created it.
 
     Concurrency is bounded by the caller (the source's request slots); the
     transport keeps an easy handle per request in flight and reuses them.
-    Every call is made from the event loop that created the transport.
+    Every call is made from that loop.
     """
 
     def __init__(self, settings: CurlSettings) -> None:
@@ -200,29 +188,27 @@ class CurlTransport:
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
         self._multi.setopt(pycurl.M_MAXCONNECTS, settings.max_connections)
         self._ca_file, self._ca_path = _system_ca_paths()
-        # The loop's side: handles not in the multi, ready for a request.
+        # Handles not in the multi, ready for a request.
         self._idle: list[_Exchange] = []
         self._idle_head: list[_Exchange] = []
-        self._closed = False  # no new requests
-        self._shut = False  # close() has run
-        # Handed to the worker: ("add" | "remove", exchange) or ("stop", None).
-        self._inbox: collections.deque[tuple[str, _Exchange | None]] = collections.deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        # The worker's side (only the worker touches these).
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._running: dict[pycurl.Curl, _Exchange] = {}
-        self._watched: dict[int, int] = {}  # fd -> selectors events
-        self._deadline: float | None = None  # libcurl's timer, time.monotonic()
-        self._asleep = False
+        self._closed = False
+        # libcurl's sockets are watched in an epoll set of the transport's own,
+        # which the loop watches as one reader. A kept-alive connection stays
+        # in the set between requests (libcurl says POLL_REMOVE after each and
+        # POLL_IN at the next): one epoll_ctl per request instead of a loop
+        # reader added and removed (about 20 system calls in uvloop). A socket
+        # libcurl closes leaves the set by itself (the kernel drops it).
+        self._epoll = select.epoll()
+        #: fd -> the epoll events libcurl wants now; 0: parked (idle, still in the set).
+        self._wanted: dict[int, int] = {}
+        self._loop.add_reader(self._epoll.fileno(), self._ready)
+        self._timer: asyncio.TimerHandle | None = None
+        self._starting = False
         #: Connections opened so far (keep-alive keeps this low).
         self.connects = 0
-        self._thread = threading.Thread(target=self._serve, name="bootcache-curl", daemon=True)
-        self._thread.start()
 
-    # -- requests (event loop) ------------------------------------------------
+    # -- requests -------------------------------------------------------------
 
     async def get(self, url: str, *, start: int, end: int, limit: int,
                   headers: Sequence[str] = ()) -> Reply:
@@ -243,7 +229,7 @@ class CurlTransport:
                    byte_range: str | None, limit: int, headers: Sequence[str]) -> Reply:
         if self._closed:
             raise TransferFailed(0, "transport is closed")
-        easy = exchange.easy  # not in the multi: the loop may set its options
+        easy = exchange.easy
         if url != exchange.url:
             easy.setopt(pycurl.URL, url)
             exchange.url = url
@@ -256,30 +242,28 @@ class CurlTransport:
             easy.setopt(pycurl.RANGE, byte_range)
         future: asyncio.Future[Reply] = self._loop.create_future()
         exchange.begin(limit, future)
-        self._post("add", exchange)
+        self._running[easy] = exchange
+        self._starting = True  # the timer libcurl sets now is run right below
         try:
-            reply = await future
-        except TransferFailed:
-            pool.append(exchange)  # the worker took it out of the multi first
-            raise
+            self._multi.add_handle(easy)
+        finally:
+            self._starting = False
+        try:
+            # Start it now (on a kept-alive connection: send the request), not
+            # one loop iteration later.
+            self._action(pycurl.SOCKET_TIMEOUT, 0)
+            return await future
         except BaseException:
-            # Cancelled (the attempt timed out): the worker takes the handle out
-            # of the multi (closing its connection), and only then is it reused,
-            # so nothing of this transfer can land in the next one's buffers.
-            exchange.future = None
-            exchange.pool = pool
-            self._post("remove", exchange)
+            # Cancelled (the attempt timed out): out of the multi at once, which
+            # closes its connection if the reply was not complete, so nothing
+            # of this transfer can land in the next one's buffers.
+            if self._running.pop(easy, None) is not None:
+                self._multi.remove_handle(easy)
             raise
-        pool.append(exchange)
-        return reply
-
-    def _post(self, what: str, exchange: _Exchange | None) -> None:
-        self._inbox.append((what, exchange))
-        if self._asleep:
-            try:
-                self._wake_w.send(b"\0")
-            except BlockingIOError:
-                pass  # full of wake-ups already
+        finally:
+            exchange.future = None
+            if not self._closed:
+                pool.append(exchange)
 
     def _new_exchange(self) -> _Exchange:
         s = self.settings
@@ -311,143 +295,99 @@ class CurlTransport:
                 easy.setopt(pycurl.CAPATH, self._ca_path)
         return _Exchange(easy)
 
-    def _deliver(self, done: list[tuple[_Exchange, Reply | TransferFailed]]) -> None:
-        """Replies from the worker, on the loop."""
-        for exchange, outcome in done:
-            future = exchange.future
-            if future is None or future.done():
-                continue
-            if isinstance(outcome, TransferFailed):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+    # -- driving the multi handle from the loop ---------------------------------
 
-    def _released(self, exchange: _Exchange) -> None:
-        """A cancelled request's handle is out of the multi: reusable."""
-        if not self._closed and exchange.pool is not None:
-            exchange.pool.append(exchange)
-        exchange.pool = None
+    def _action(self, fd: int, events: int) -> None:
+        """Let libcurl work on ``fd`` (or its timers), then settle what finished."""
+        if self._closed:
+            return
+        self._multi.socket_action(fd, events)
+        self._settle()
 
-    # -- the worker thread ------------------------------------------------------
-
-    def _serve(self) -> None:
-        try:
-            while self._serve_once():
-                pass
-        except _LoopGone:
-            self._closed = True  # nobody left to answer (the loop closed first)
-        except BaseException as e:  # a bug here must not leave readers waiting forever
-            log.exception("libcurl worker failed")
-            failure = TransferFailed(0, f"libcurl worker failed: {e!r}")
-            done: list[tuple[_Exchange, Reply | TransferFailed]] = [
-                (x, failure) for x in self._running.values()]
-            self._closed = True
-            if done:
-                with contextlib.suppress(RuntimeError):
-                    self._loop.call_soon_threadsafe(self._deliver, done)
-
-    def _to_loop(self, callback: Callable[[Any], None], arg: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(callback, arg)
-        except RuntimeError as e:  # the loop is closed: a source that was never closed
-            raise _LoopGone from e
-
-    def _serve_once(self) -> bool:
-        """Wait for sockets, the timer or the loop; run libcurl; hand back replies."""
+    def _settle(self) -> None:
+        """Hand over the replies of the requests libcurl finished."""
         multi = self._multi
-        timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-        self._asleep = True
-        if self._inbox:
-            timeout = 0.0
-        events = self._selector.select(timeout)
-        self._asleep = False
-        for key, mask in events:
-            if key.data is None:
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except BlockingIOError:
-                    pass
-                continue
-            flags = ((pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0)
-                     | (pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0))
-            multi.socket_action(key.data, flags)
-        started = False
-        while self._inbox:
-            what, exchange = self._inbox.popleft()
-            if what == "stop":
-                return False
-            assert exchange is not None
-            if what == "add":
-                self._running[exchange.easy] = exchange
-                multi.add_handle(exchange.easy)
-                started = True
-            elif self._running.pop(exchange.easy, None) is not None:
-                multi.remove_handle(exchange.easy)
-                self._to_loop(self._released, exchange)
-            else:  # finished meanwhile; its reply was dropped
-                self._to_loop(self._released, exchange)
-        if started or (self._deadline is not None and time.monotonic() >= self._deadline):
-            self._deadline = None
-            multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-        done: list[tuple[_Exchange, Reply | TransferFailed]] = []
         while True:
             queued, ok, failed = multi.info_read()
             for easy in ok:
-                self._finish(easy, None, done)
+                self._finish(easy, None)
             for easy, code, message in failed:
-                self._finish(easy, (code, message), done)
+                self._finish(easy, (code, message))
             if not queued:
                 break
-        if done:
-            self._to_loop(self._deliver, done)
-        return True
 
-    def _finish(self, easy: pycurl.Curl, error: tuple[int, str] | None,
-                done: list[tuple[_Exchange, Reply | TransferFailed]]) -> None:
+    def _finish(self, easy: pycurl.Curl, error: tuple[int, str] | None) -> None:
         exchange = self._running.pop(easy, None)
         self.connects += easy.getinfo(pycurl.NUM_CONNECTS)
-        if exchange is not None:
-            outcome: Reply | TransferFailed
-            if error is not None and not (error[0] == pycurl.E_WRITE_ERROR
-                                          and exchange.overflow):
-                outcome = TransferFailed(*error)
-            else:
-                outcome = exchange.reply()  # parsed here, off the loop
-            done.append((exchange, outcome))
         self._multi.remove_handle(easy)
+        if exchange is None:
+            return
+        future = exchange.future
+        if future is None or future.done():
+            return
+        if error is not None and not (error[0] == pycurl.E_WRITE_ERROR and exchange.overflow):
+            future.set_exception(TransferFailed(*error))
+        else:
+            future.set_result(exchange.reply())
+
+    def _ready(self) -> None:
+        """Some of libcurl's sockets are ready: let it work on each, then
+        settle what finished."""
+        if self._closed:
+            return
+        multi = self._multi
+        wanted = self._wanted
+        for fd, events in self._epoll.poll(0):
+            if not wanted.get(fd):
+                # A parked connection woke up: the server closed it (or sent
+                # something unasked). libcurl finds out when it next uses it.
+                wanted.pop(fd, None)
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+                continue
+            flags = ((pycurl.CSELECT_IN if events & select.EPOLLIN else 0)
+                     | (pycurl.CSELECT_OUT if events & select.EPOLLOUT else 0)
+                     | (pycurl.CSELECT_ERR if events & (select.EPOLLERR | select.EPOLLHUP) else 0))
+            multi.socket_action(fd, flags)
+        self._settle()
 
     def _on_socket(self, what: int, fd: int, multi: object, data: object) -> None:
+        wanted = self._wanted
         if what == pycurl.POLL_REMOVE:
-            if self._watched.pop(fd, None) is not None:
-                self._selector.unregister(fd)
+            if fd in wanted:
+                wanted[fd] = 0  # parked: left in the set, see __init__
             return
-        events = ((selectors.EVENT_READ if what & pycurl.POLL_IN else 0)
-                  | (selectors.EVENT_WRITE if what & pycurl.POLL_OUT else 0))
-        if fd in self._watched:
-            if self._watched[fd] != events:
-                self._selector.modify(fd, events, fd)
-        else:
-            self._selector.register(fd, events, fd)
-        self._watched[fd] = events
+        events = ((select.EPOLLIN if what & pycurl.POLL_IN else 0)
+                  | (select.EPOLLOUT if what & pycurl.POLL_OUT else 0))
+        if wanted.get(fd) == events:
+            return  # watched already: libcurl says POLL_REMOVE before it closes one
+        wanted[fd] = events
+        try:
+            self._epoll.modify(fd, events)
+        except FileNotFoundError:  # new, or closed since it was parked (and reused)
+            self._epoll.register(fd, events)
 
     def _on_timer(self, timeout_ms: int) -> None:
-        # Run by the worker at its next turn, never from inside libcurl's callback.
-        self._deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if timeout_ms >= 0 and not self._starting:
+            # Never call back into libcurl from inside its own callback.
+            self._timer = self._loop.call_later(
+                timeout_ms / 1000, self._action, pycurl.SOCKET_TIMEOUT, 0)
 
-    # -- closing (event loop) -----------------------------------------------------
+    # -- closing ------------------------------------------------------------------
 
     async def close(self) -> None:
-        if self._shut:
+        if self._closed:
             return
-        self._shut = self._closed = True
-        if self._thread.is_alive():
-            self._post("stop", None)
-            self._wake_w.send(b"\0")
-            await asyncio.to_thread(self._thread.join)
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         failure = TransferFailed(0, "transport closed")
-        for exchange in self._running.values():
-            self._multi.remove_handle(exchange.easy)
+        for easy, exchange in list(self._running.items()):
+            self._multi.remove_handle(easy)
             if exchange.future is not None and not exchange.future.done():
                 exchange.future.set_exception(failure)
         exchanges = [*self._running.values(), *self._idle, *self._idle_head]
@@ -458,6 +398,7 @@ class CurlTransport:
         self._idle.clear()
         self._idle_head.clear()
         self._share.close()
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        with contextlib.suppress(RuntimeError):  # the loop closed first
+            self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._wanted.clear()

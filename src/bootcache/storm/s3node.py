@@ -77,7 +77,11 @@ class S3Node:
                 f"-s3.port.grpc={s3 + 10000}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 f"-s3.config={config}", "-master.telemetry=false",
                 "-master.resumeState=false", "-volume.preStopSeconds=0",
-                "-volume.max=64", "-master.volumeSizeLimitMB=1024"]
+                "-volume.max=64", "-master.volumeSizeLimitMB=1024",
+                # The gateway's chunk cache shared by all GETs, as a storage node
+                # serving one image to many nodes runs it: otherwise each ranged
+                # GET fetches its whole 4 MiB chunk from the volume server again.
+                "-s3.cacheCapacityMB=256"]
         self._log = os.path.join(workdir, "weed.log")
         self._argv = argv
         self._popen: subprocess.Popen[bytes] | None = None
