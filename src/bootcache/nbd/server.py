@@ -295,13 +295,16 @@ class NBDProtocol(asyncio.Protocol):
         conn = self.conn
         handlers = self._handlers
         self._recheck()  # the server-wide budget may have filled since
-        self._batch = batch = list[bytes]()
+        batch: list[bytes] = []
+        self._batch = batch
         self._batch_bytes = 0
         try:
             while not self._blocked:
                 reads = conn.take_reads(MAX_INFLIGHT - len(self._tasks), self._read_budget())
                 if reads:
                     self._serve_reads(reads)
+                    if conn.input_drained():
+                        break  # the usual end of a batch: no need to ask for more
                     continue
                 event = conn.next_event()
                 if event is NEED_DATA:
@@ -326,10 +329,11 @@ class NBDProtocol(asyncio.Protocol):
         out = conn.data_to_send()
         if out:
             batch.append(out)
-        self._write_out(batch)
+        if batch:
+            self._write_out(batch)
         if self._ending:
             self._check_finished()
-        else:
+        elif self._blocked != self._reading_paused:
             self._update_reading()
 
     def _write_out(self, batch: list[bytes]) -> None:
@@ -527,7 +531,11 @@ class NBDProtocol(asyncio.Protocol):
         new one (its file system would be a mix): from then on its reads and
         writes fail with EIO, and a reconnecting client starts afresh."""
         pinned = self._pinned
-        return pinned is not None and any(lay.content_version() != v for lay, v in pinned)
+        if pinned is not None:
+            for lay, v in pinned:
+                if lay.content_version() != v:
+                    return True
+        return False
 
     def _pin(self) -> None:
         """At the first request served: the versions this client sees from now on."""
@@ -585,7 +593,8 @@ class NBDProtocol(asyncio.Protocol):
             served += 1
             nbytes += length
         if served:
-            self._pin()
+            if self._pinned is None:
+                self._pin()
             counters = export.counters
             counters.reads += served  # done without waiting: the fastest bucket
             counters.bytes += nbytes
