@@ -15,6 +15,9 @@ Hot path notes:
   more than the read). Every other request runs in a Task.
 - Replies produced while one ``data_received`` batch is parsed are written
   with one ``writelines`` call, i.e. one syscall per batch, not per request.
+- Plain reads are taken off the input in runs (``take_reads``: unpacked
+  headers, no event object each) and served in one loop with one look at
+  the chain's versions per run.
 - Memory is bounded: reading from the socket pauses while the transport's
   write buffer is above its high-water mark (slow reader), while too many
   requests or bytes are in flight, and the protocol caps write payloads.
