@@ -372,6 +372,92 @@ def test_shutdown_errors_new_requests() -> None:
     assert {r.handle: r.error for r in replies_of(conn)} == {1: w.ESHUTDOWN, 2: w.ESHUTDOWN}
 
 
+def drain_taking_reads(conn: ServerConnection, limit: int, max_bytes: int) -> list[Event]:
+    """drain(), as the server does it: plain reads in takes, the rest as events."""
+    events: list[Event] = []
+    while True:
+        reads = conn.take_reads(limit, max_bytes)
+        assert len(reads) <= limit
+        assert sum(r[5] for r in reads[:-1]) < max(max_bytes, 1)
+        events += [Request(r[2], r[1], r[3], r[4], r[5]) for r in reads]
+        if reads:
+            continue
+        ev = conn.next_event()
+        if ev is NEED_DATA:
+            return events
+        assert not isinstance(ev, type(NEED_DATA))
+        events.append(ev)
+
+
+def test_take_reads_takes_only_plain_reads_in_order() -> None:
+    conn, _ = go("disk")
+    conn.receive_data(request(w.CMD_READ, 1, 0, 4096)
+                      + request(w.CMD_READ, 2, 4096, 512, flags=w.CMD_FLAG_FUA)
+                      + request(w.CMD_READ, 3, 0, 1, flags=w.CMD_FLAG_DF)  # not plain
+                      + request(w.CMD_READ, 4, SIZE - 512, 512)
+                      + request(w.CMD_READ, 5, SIZE - 1, 2)  # past the end: an error
+                      + request(w.CMD_READ, 6, 0, 0)  # empty: done at once
+                      + request(w.CMD_WRITE, 7, 0, data=b"ab")
+                      + request(w.CMD_READ, 8, 8, 8)
+                      + request(w.CMD_READ, 9, 16, 8)[:20])  # incomplete
+    assert [r[3] for r in conn.take_reads(16, 1 << 20)] == [1, 2]
+    assert conn.take_reads(16, 1 << 20) == []  # the DF read waits for next_event
+    assert conn.next_event() == Request(w.CMD_READ, w.CMD_FLAG_DF, 3, 0, 1)
+    assert [r[3:] for r in conn.take_reads(16, 1 << 20)] == [(4, SIZE - 512, 512)]
+    assert conn.next_event() == Request(w.CMD_WRITE, 0, 7, 0, 2, b"ab")
+    assert {r.handle: r.error for r in replies_of(conn)} == {5: w.EINVAL, 6: 0}
+    assert [r[3] for r in conn.take_reads(16, 1 << 20)] == [8]
+    assert conn.take_reads(16, 1 << 20) == [] and conn.next_event() is NEED_DATA
+    conn.receive_data(request(w.CMD_READ, 9, 16, 8)[20:])
+    assert [r[3] for r in conn.take_reads(16, 1 << 20)] == [9]
+
+
+def test_take_reads_limits() -> None:
+    conn, _ = go("disk")
+    conn.receive_data(b"".join(request(w.CMD_READ, h, h * 4096, 4096) for h in range(10)))
+    assert [r[3] for r in conn.take_reads(3, 1 << 20)] == [0, 1, 2]
+    # Bytes: requests are taken while less than max_bytes are taken.
+    assert [r[3] for r in conn.take_reads(16, 8192)] == [3, 4]
+    assert [r[3] for r in conn.take_reads(16, 1)] == [5]
+    assert conn.take_reads(0, 1 << 20) == []
+    assert [r[3] for r in conn.take_reads(16, 1 << 20)] == [6, 7, 8, 9]
+
+
+def test_take_reads_outside_transmission_and_at_shutdown() -> None:
+    conn = new_conn()
+    conn.receive_data(client_flags())
+    assert conn.take_reads(16, 1 << 20) == []
+    conn, _ = go("disk")
+    conn.shutdown()
+    conn.receive_data(request(w.CMD_READ, 1, 0, 512))
+    assert conn.take_reads(16, 1 << 20) == []
+    assert drain(conn) == []
+    assert {r.handle: r.error for r in replies_of(conn)} == {1: w.ESHUTDOWN}
+
+
+def run_script_taking_reads(chunks: list[bytes], limit: int,
+                            max_bytes: int) -> tuple[list[Event], bytes]:
+    conn = new_conn()
+    events: list[Event] = []
+    out = b""
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        events += drain_taking_reads(conn, limit, max_bytes)
+        out += conn.data_to_send()
+    return events, out
+
+
+@given(st.lists(st.integers(min_value=1, max_value=97), max_size=60),
+       st.integers(1, 20), st.integers(1, 10000))
+def test_taking_reads_equals_events_alone(cuts: list[int], limit: int, max_bytes: int) -> None:
+    chunks, pos = [], 0
+    for c in cuts:
+        chunks.append(SCRIPT[pos:pos + c])
+        pos += c
+    chunks.append(SCRIPT[pos:])
+    assert run_script_taking_reads(chunks, limit, max_bytes) == run_script([SCRIPT])
+
+
 def test_reply_builders() -> None:
     conn, _ = go(contexts=("base:allocation", "qemu:allocation-depth"))
     out = (conn.read_header(1, 4096, 3) + b"abc" + conn.reply_ok(2)
@@ -482,3 +568,25 @@ def test_fuzz_message_sequences(messages: list[bytes], structured: bool) -> None
     conn = ServerConnection(EXPORTS, tls=True)
     prefix = client_flags() + (option(w.OPT_STRUCTURED_REPLY) if structured else b"")
     feed_fuzz(conn, [prefix, *messages])
+
+
+def outcome(conn: ServerConnection, chunks: list[bytes], take: bool) -> tuple[Any, ...]:
+    events: list[Event] = []
+    out = b""
+    try:
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            events += drain_taking_reads(conn, 4, 4096) if take else drain(conn)
+            out += conn.data_to_send()
+    except ProtocolError as e:
+        return events, out, str(e)
+    return events, out, None
+
+
+@settings(max_examples=300)
+@given(st.lists(message, max_size=20), st.booleans())
+def test_fuzz_taking_reads_equals_events_alone(messages: list[bytes], structured: bool) -> None:
+    prefix = client_flags() + (option(w.OPT_STRUCTURED_REPLY) if structured else b"")
+    chunks = [prefix + option(w.OPT_GO, go_data("disk")), *messages]
+    assert (outcome(ServerConnection(EXPORTS), chunks, take=True)
+            == outcome(ServerConnection(EXPORTS), chunks, take=False))

@@ -37,6 +37,9 @@ _REQ_SIZE = w.REQUEST.size
 _unpack_request = w.REQUEST.unpack_from
 _pack_simple = w.SIMPLE_REPLY.pack
 _pack_offset_data = w.OFFSET_DATA_HEADER.pack
+_REQUEST_MAGIC = w.REQUEST_MAGIC
+_CMD_READ = w.CMD_READ
+_NOT_FUA = ~w.CMD_FLAG_FUA & 0xFFFF
 
 
 class ProtocolError(BootcacheError):
@@ -260,6 +263,8 @@ class ServerConnection:
 
     def data_to_send(self) -> bytes:
         """Protocol-generated output (handshake, option replies, error replies)."""
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -270,6 +275,11 @@ class ServerConnection:
             raise RuntimeError("tls_started() without StartTLS")
         self.state = _OPTIONS
         self.tls_active = True
+
+    def input_drained(self) -> bool:
+        """Every byte received is consumed and the peer has not closed: no
+        event can be waiting (a cheaper answer than :meth:`next_event`'s)."""
+        return self._pos == len(self._buf) and not self._eof
 
     def shutdown(self) -> None:
         """The server is stopping: refuse new options and requests."""
@@ -282,6 +292,38 @@ class ServerConnection:
         return self._next_slow()
 
     # --- transmission phase (hot path) ------------------------------------------
+    def take_reads(self, limit: int, max_bytes: int) -> list[tuple[int, ...]]:
+        """The plain reads at the head of the input, taken off it: complete,
+        valid NBD_CMD_READs (no flag but FUA) inside the disk, at most
+        ``limit`` of them, and none once ``max_bytes`` are taken. Each is the
+        unpacked request header, ``(magic, flags, command, handle, offset,
+        length)``. A batch of these needs no event object per request; the
+        first request that is anything else stays for :meth:`next_event`,
+        so order is kept. Empty outside transmission."""
+        if self.state is not _TRANSMISSION or self._shutting_down:
+            return []
+        buf = self._buf
+        pos = self._pos
+        count = min((len(buf) - pos) // _REQ_SIZE, limit)
+        out: list[tuple[int, ...]] = []
+        size, max_payload = self._size, self.max_payload
+        taken = 0
+        for _ in range(count):
+            r = _unpack_request(buf, pos)
+            # r: magic, flags, command, handle, offset, length
+            if (r[0] != _REQUEST_MAGIC or r[2] != _CMD_READ or r[1] & _NOT_FUA
+                    or not 0 < r[5] <= max_payload or r[4] + r[5] > size or taken >= max_bytes):
+                break
+            out.append(r)
+            taken += r[5]
+            pos += _REQ_SIZE
+        if pos != self._pos:
+            if pos == len(buf):
+                buf.clear()
+                pos = 0
+            self._pos = pos
+        return out
+
     def _next_request(self) -> Event | _NeedData:
         buf = self._buf
         while True:
