@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -210,25 +211,28 @@ def test_cancellations_never_leak_bytes_into_later_requests(nginx: NginxServer) 
     asyncio.run(go())
 
 
-def test_http_object_replaced_mid_read(nginx: NginxServer) -> None:
+def test_http_object_replaced_mid_read(tmp_path: Path) -> None:
     """A read made of many requests while the object is replaced: it returns
     the old bytes whole or raises SourceChangedError, never a mix."""
-    old, new = os.urandom(1 << 20), os.urandom(1 << 20)
+    # Each request takes about a second, however fast the machine: nginx's
+    # limit_rate lets one second's worth (32 KiB) go at once, the other half
+    # of a 64 KiB reply a second later. A fast location would let a loop
+    # turn finish every request of the read before the test can act.
+    nginx = NginxServer(tmp_path / "storage", slow_rate="32k")
+    old, new = os.urandom(4 << 16), os.urandom(4 << 16)
     nginx.put("base.img", old)
+    nginx.start()
 
     async def go() -> None:
-        # 16 requests of 64 KiB, one at a time, from /slow/ (1 MiB/s): a reply
-        # can be whole by the time its request is sent (libcurl then finishes
-        # it in the same call), and a fast server would let every request of
-        # the read end in one turn of the loop, before the test can act.
+        # 4 requests of 64 KiB, one at a time.
         src = await HttpSource.open(nginx.url("base.img", "slow"), RemoteOptions(
             max_request=64 << 10, concurrency=1))
         try:
             read = asyncio.ensure_future(src.pread(0, len(old)))
             while src.stats()["bytes"] == 0:  # until the first request is answered
                 await asyncio.sleep(0)
-            # Replaced while the loop is held: the requests not yet sent see
-            # the new version, the one on the wire (if any) the old one.
+            # The second request may be on the wire (it gets the old version);
+            # the third cannot start for another second and sees the new one.
             nginx.put("base.img", new)
             with pytest.raises(SourceChangedError):
                 await read
@@ -236,7 +240,10 @@ def test_http_object_replaced_mid_read(nginx: NginxServer) -> None:
         finally:
             await src.close()
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        nginx.stop()
 
 
 def test_s3_reads_reuse_connections_and_see_a_replacement(weed: WeedServer) -> None:
