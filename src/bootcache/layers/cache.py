@@ -24,9 +24,11 @@ from bootcache.block.graph import NodeRef
 from bootcache.block.layer import NOWAIT_MAX, BlockLayer, Extent, chain_of
 from bootcache.block.store import CacheStore
 from bootcache.errors import BootcacheError, ImageCorruptError, ImageFormatError, StaleBaseError
+from bootcache.layers.cache_fetch import Fetch, forget
 from bootcache.layers.cache_profile import ProfileRecorder
 from bootcache.layers.cache_quota import CacheQuota
 from bootcache.layers.cache_stats import CacheStats
+from bootcache.layers.cache_storer import CacheStorer
 from bootcache.qcow2 import cache_ext, profile_ext
 from bootcache.qcow2.cache_ext import CacheExtension
 from bootcache.qcow2.cache_store import Qcow2CacheStore
@@ -39,10 +41,6 @@ log = logging.getLogger("bootcache.cache")
 _SAMPLES = 8
 _SAMPLE_BYTES = 4096
 _FLUSH_INTERVAL = 1.0
-_ENOSPC_RETRY = 5.0
-_STORE_PIECE = 1 << 20
-#: Fetched bytes waiting to be stored beyond which readers wait for the stores.
-_PENDING_STORES_MAX = 16 << 20
 
 
 def read_extension(img: Qcow2Image) -> CacheExtension | None:
@@ -70,30 +68,9 @@ async def base_identity(base: BlockLayer) -> dict[str, Any]:
     return ident
 
 
-class _Fetch:
-    """One read of clusters [start, start + count) from the base.
-
-    ``data`` holds the bytes once they arrived; it is registered in
-    ``inflight`` until they are stored (or the store is given up), so a
-    reader meanwhile takes them from here. Readers that come before the
-    bytes wait for ``future`` (None: fetched without waiting, from a local
-    base).
-    """
-
-    __slots__ = ("count", "data", "future", "generation", "start")
-
-    def __init__(self, start: int, count: int, future: asyncio.Future[bytes] | None,
-                 generation: int) -> None:
-        self.start = start
-        self.count = count
-        self.future = future
-        self.generation = generation
-        self.data: bytes | None = None
-
-
 #: Where a piece of a miss comes from: a fetch (None: the cache, stored
 #: meanwhile) and the piece's guest byte range [lo, hi).
-_Segment = tuple[_Fetch | None, int, int]
+_Segment = tuple[Fetch | None, int, int]
 
 
 #: A planned piece of a read: bytes read, or the segments of a miss.
@@ -108,7 +85,7 @@ def _joined(pieces: list[bytes | memoryview]) -> bytes:
     return b"".join(pieces)
 
 
-def _slice(fetch: _Fetch, lo: int, hi: int, cs: int) -> bytes | memoryview:
+def _slice(fetch: Fetch, lo: int, hi: int, cs: int) -> bytes | memoryview:
     """Guest bytes [lo, hi) of a fetch's bytes, without a copy."""
     data = fetch.data
     assert data is not None
@@ -137,14 +114,13 @@ class CacheLayer(BlockLayer):
         #: Held clusters in recency order, reservations, the quota's decisions.
         self.quota = CacheQuota(ext, self.cs)
         #: Clusters being fetched from the base, each to the fetch bringing it.
-        self.inflight: dict[int, _Fetch] = {}
+        self.inflight: dict[int, Fetch] = {}
         self.recorder = ProfileRecorder(self.name, self.cs, self.counters)
         #: Called (awaited) first when the cache closes: a prefetch stops there.
         self.on_close: list[Callable[[], Awaitable[None]]] = []
         self._prefetch_inflight = 0
         self._dirty_counters = False
         self._last_flush = time.monotonic()
-        self._store_paused_until = 0.0
         #: The version of the base's source, watched (None: a base that has none).
         self.base_version: BaseVersion | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -160,12 +136,11 @@ class CacheLayer(BlockLayer):
         #: Why this cache refuses to serve (on_stale=refuse), once it does.
         self._refusal: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Fetches whose bytes wait to be stored, and the task storing them.
-        self._pending_stores: list[_Fetch] = []
-        self._pending_bytes = 0
-        self._storer: asyncio.Task[None] | None = None
+        #: Stores fetched bytes in the background, under the quota.
+        self.storer = CacheStorer(self.store, self.quota, self.counters, self.inflight,
+                                  generation=self.content_version,
+                                  start_task=self._background, flush=self._flush_if_open)
         self._flush_task: asyncio.Task[None] | None = None
-        self._evict_flush: asyncio.Task[None] | None = None
 
     @property
     def base(self) -> BlockLayer:
@@ -260,7 +235,7 @@ class CacheLayer(BlockLayer):
         log.warning("%s: revalidated %d cached clusters after a foreign writer, dropped %d",
                     self.name, len(self.quota), len(bad))
         if bad:
-            await self._evict(bad)
+            await self.storer.evict(bad)
             await self.store.flush()
 
     async def _drop_all(self) -> None:
@@ -353,8 +328,8 @@ class CacheLayer(BlockLayer):
             data = self._hit_now(offset, length)
             if data is not None:
                 return data
-            if self._pending_bytes > _PENDING_STORES_MAX:
-                await self._stores_landed()  # the cache file falls behind: wait for it
+            if self.storer.falling_behind:
+                await self.storer.landed()  # the cache file falls behind: wait for it
             planned = self._plan_now(offset, length, wait=True)
         if planned is None:
             planned = await self._plan(offset, length)
@@ -460,7 +435,7 @@ class CacheLayer(BlockLayer):
                 raise
             # What is on disk stays consistent; unflushed stores are retried later
             # or lost (leaked clusters), never wrong.
-            self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
+            self.storer.pause()
             self.counters.no_space += 1
             log.warning("%s: no space to flush the cache (%s)", self.name, e)
             return
@@ -490,7 +465,7 @@ class CacheLayer(BlockLayer):
 
     def _read_now(self, offset: int, length: int) -> bytes | None:
         """A read served without waiting (:meth:`_plan_now`), else None."""
-        if self._pending_bytes > _PENDING_STORES_MAX:
+        if self.storer.falling_behind:
             return None  # the cache file falls behind: pread() waits for it
         planned = self._plan_now(offset, length, wait=False)
         if planned is None:
@@ -532,10 +507,10 @@ class CacheLayer(BlockLayer):
                 if not wait:
                     return None
                 now = False
-                fetch = _Fetch(start, count, asyncio.get_running_loop().create_future(),
+                fetch = Fetch(start, count, asyncio.get_running_loop().create_future(),
                                generation)
             else:
-                fetch = _Fetch(start, count, None, generation)
+                fetch = Fetch(start, count, None, generation)
             for ci in range(start, start + count):
                 inflight[ci] = fetch
             if data is None:
@@ -613,13 +588,13 @@ class CacheLayer(BlockLayer):
     async def _fetch_run(self, start: int, count: int) -> None:
         """Fetch clusters [start, start+count), which are neither cached nor
         in flight; readers asking for them meanwhile wait for it."""
-        fetch = _Fetch(start, count, asyncio.get_running_loop().create_future(),
+        fetch = Fetch(start, count, asyncio.get_running_loop().create_future(),
                        self._generation)
         for ci in range(start, start + count):
             self.inflight[ci] = fetch
         await self._fetch(fetch)
 
-    async def _fetch(self, fetch: _Fetch) -> None:
+    async def _fetch(self, fetch: Fetch) -> None:
         """Read a fetch's clusters from the base, hand them to its readers and
         queue them to be stored."""
         cs = self.cs
@@ -649,38 +624,18 @@ class CacheLayer(BlockLayer):
             if not fut.done():
                 fut.set_exception(e)
                 fut.exception()  # waiters re-raise it; don't log it as unretrieved
-            self._forget(fetch)
+            forget(self.inflight, fetch)
             raise
         self._fetched(fetch, data)
         fut.set_result(data)
 
-    def _fetched(self, fetch: _Fetch, data: bytes) -> None:
+    def _fetched(self, fetch: Fetch, data: bytes) -> None:
         """A fetch's bytes arrived: count them, record them in the profile and
         queue them to be stored (they stay in ``inflight`` until then)."""
         fetch.data = data
         self.counters.bytes_from_base += len(data)
         self.recorder.record(fetch.start, fetch.count, self.ext.quota // self.cs)
-        if fetch.generation != self._generation:
-            self._forget(fetch)  # from before a reset: never stored
-            return
-        self._pending_stores.append(fetch)
-        self._pending_bytes += len(data)
-        if self._storer is None:
-            self._storer = asyncio.get_running_loop().create_task(self._run_stores(),
-                                                                  name="store")
-            self._tasks.add(self._storer)
-            self._storer.add_done_callback(self._task_done)
-
-    def _forget(self, fetch: _Fetch) -> None:
-        inflight = self.inflight
-        for ci in range(fetch.start, fetch.start + fetch.count):
-            if inflight.get(ci) is fetch:
-                del inflight[ci]
-
-    async def _stores_landed(self) -> None:
-        """Wait until every fetch so far was stored (or its store given up)."""
-        while self._storer is not None and self._storer is not asyncio.current_task():
-            await asyncio.wait([self._storer])
+        self.storer.queue(fetch)  # (a fetch from before a reset is never stored)
 
     # -- a changing base (sources/version.py) ----------------------------------------
 
@@ -748,182 +703,17 @@ class CacheLayer(BlockLayer):
         await asyncio.gather(*tasks, return_exceptions=True)
         await ref.release()
 
-    # -- storing and the quota ---------------------------------------------------------
+    # -- persistence ------------------------------------------------------------------
 
-    async def _run_stores(self) -> None:
-        """Store fetched bytes, all those waiting at once, until none are left.
-        Fetches stay in ``inflight`` until their store is over, so a reader
-        meanwhile takes their bytes and never fetches them again."""
-        try:
-            while self._pending_stores:
-                batch, self._pending_stores = self._pending_stores, []
-                try:
-                    await self._store_batch(batch)
-                except Exception as e:
-                    self.counters.background_errors += 1
-                    log.warning("%s: background store failed: %s", self.name, e)
-                finally:
-                    for fetch in batch:
-                        self._pending_bytes -= len(fetch.data or b"")
-                        self._forget(fetch)
-        finally:
-            self._storer = None
-            for fetch in self._pending_stores:  # cancelled (closing): not stored
-                self._forget(fetch)
-            self._pending_stores = []
-            self._pending_bytes = 0
-
-    async def _store_batch(self, batch: list[_Fetch]) -> None:
-        if time.monotonic() < self._store_paused_until:
-            return
-        generation = self._generation
-        # Decided (evictions, room) and reserved before any await, so that
-        # concurrent stores can never take the cache past its quota together;
-        # clusters being fetched or waiting to be stored are never evicted.
-        victims: list[int] = []
-        plans: list[tuple[_Fetch, int]] = []
-        for fetch in batch:
-            if fetch.generation != generation or fetch.data is None:
-                continue
-            evict, count = self.quota.plan_store(-(-len(fetch.data) // self.cs), self.inflight)
-            victims += evict
-            if count:
-                plans.append((fetch, count))
-        left = sum(count for _, count in plans)  # reserved, neither held nor given back
-        try:
-            if victims:
-                await self._evict(victims)
-            if plans:
-                held, error = await self._store_plans(plans, generation)
-                left -= held
-                if error is not None:
-                    raise error
-        finally:
-            self.quota.unreserve(left)
-
-    async def _store_plans(self, plans: list[tuple[_Fetch, int]],
-                           generation: int) -> tuple[int, OSError | None]:
-        """Write the first ``count`` clusters of each fetch as one batch (in
-        pieces of at most 1 MiB); returns how many clusters are held now,
-        and the error to raise once they are counted (other than a full disk)."""
-        if generation != self._generation:
-            return 0, None  # dropped while evictions made room: nothing may be mapped now
-        cs = self.cs
-        step = max(_STORE_PIECE // cs, 1)
-        runs: list[tuple[int, bytes | memoryview]] = []
-        for fetch, count in plans:
-            assert fetch.data is not None
-            view = memoryview(fetch.data)
-            for k in range(0, count, step):
-                n = min(step, count - k)
-                runs.append((fetch.start + k, view[k * cs:(k + n) * cs]))
-        try:
-            await self.store.store_runs(runs)
-        except OSError as e:
-            return await self._store_after_error(plans, generation, e)
-        if generation != self._generation:
-            return 0, None  # dropped meanwhile: these clusters are being unmapped
-        for fetch, count in plans:
-            self._held_now(fetch.start, count)
-        return sum(count for _, count in plans), None
-
-    async def _store_after_error(self, plans: list[tuple[_Fetch, int]], generation: int,
-                                 error: OSError) -> tuple[int, OSError | None]:
-        """A batch failed part way: count what it stored; on a full disk, try
-        the rest piece by piece (then cluster by cluster), else hand the
-        error back."""
-        cs = self.cs
-        held = 0
-        rest: list[tuple[int, int, memoryview]] = []
-        for fetch, count in plans:
-            view = memoryview(fetch.data or b"")
-            off = fetch.start * cs
-            for is_held, guest, n, _ in await self.store.lookup(off, min(count * cs,
-                                                                        self.size - off)):
-                first, k = guest // cs, -(-n // cs)
-                if not is_held:
-                    skip = first - fetch.start
-                    rest.append((first, k, view[skip * cs:(skip + k) * cs]))
-                elif generation == self._generation:
-                    self._held_now(first, k)
-                    held += k
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return held, error  # (the reservation of the rest is given back by the caller)
-        for first, k, part in rest:
-            if time.monotonic() < self._store_paused_until:
-                break  # the disk is full: the rest is served from the base
-            got, failed = await self._store_pieces(first, part, k, generation)
-            held += got
-            if failed is not None:
-                return held, failed
-        return held, None
-
-    def _held_now(self, first: int, count: int) -> None:
-        """Reserved clusters [first, first + count) were stored: held from now on."""
-        self.quota.stored(range(first, first + count))
-        self.counters.clusters_stored += count
-        self._dirty_counters = True
-
-    async def _store_pieces(self, start: int, view: memoryview, count: int,
-                            generation: int) -> tuple[int, OSError | None]:
-        """Write ``count`` clusters in pieces, so that a disk filling up keeps
-        what fitted; when a piece does not fit, go on cluster by cluster.
-        Returns how many were stored, and an error other than a full disk
-        that stopped it."""
-        cs = self.cs
-        step = max(_STORE_PIECE // cs, 1)
-        first = start
-        while first < start + count:
-            if generation != self._generation:
-                # The cache was dropped (maybe while evictions made room): a
-                # write queued behind the reset's unmap would map old bytes.
-                break
-            n = min(step, start + count - first)
-            try:
-                await self.store.store(first, view[(first - start) * cs:(first - start + n) * cs])
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    return first - start, e
-                if step > 1:
-                    step = 1
-                    continue
-                # The read still succeeds from the base; try caching again later.
-                self._store_paused_until = time.monotonic() + _ENOSPC_RETRY
-                self.counters.no_space += 1
-                log.warning("%s: no space to cache (%s); serving from the base, caching "
-                            "again in %.0f s", self.name, e, _ENOSPC_RETRY)
-                break
-            if generation != self._generation:
-                break  # the cache was dropped meanwhile: this piece is being unmapped
-            self._held_now(first, n)
-            first += n
-        return first - start, None
-
-    async def _evict(self, victims: list[int]) -> None:
-        """Make clusters unallocated again (the caller already forgot them)."""
-        if not victims:
-            return
-        self.quota.forget(victims)
-        await self.store.unmap(victims)
-        self.counters.evictions += len(victims)
-        # Frees (and hole punching) happen at a flush: start one now, in the
-        # background, so the store that evicted does not wait on its syncs.
-        if self._evict_flush is None or self._evict_flush.done():
-            self._evict_flush = asyncio.get_running_loop().create_task(
-                self._flush_if_open(), name="flush after eviction")
-            self._tasks.add(self._evict_flush)
-            self._evict_flush.add_done_callback(self._task_done)
+    def _background(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=what)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
 
     async def _flush_if_open(self) -> None:
         if not self.store.closed:
             await self.flush()
-
-    # -- persistence ------------------------------------------------------------------
-
-    def _background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=what)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -1013,7 +803,7 @@ class CacheLayer(BlockLayer):
             self._prefetch_inflight += n
             try:
                 await self._fetch_run(first, n)
-                await self._stores_landed()  # what it kept counts as prefetched
+                await self.storer.landed()  # what it kept counts as prefetched
             finally:
                 self._prefetch_inflight -= n
             got = min(n * self.cs, self.size - first * self.cs)
