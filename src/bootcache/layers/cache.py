@@ -119,7 +119,6 @@ class CacheLayer(BlockLayer):
         #: Called (awaited) first when the cache closes: a prefetch stops there.
         self.on_close: list[Callable[[], Awaitable[None]]] = []
         self._prefetch_inflight = 0
-        self._dirty_counters = False
         self._last_flush = time.monotonic()
         #: The version of the base's source, watched (None: a base that has none).
         self.base_version: BaseVersion | None = None
@@ -402,7 +401,6 @@ class CacheLayer(BlockLayer):
         else:
             counters.misses += 1
         self.quota.touch(offset, length)
-        self._dirty_counters = True
         self._schedule_flush()
 
     async def settle(self) -> None:
@@ -747,7 +745,6 @@ class CacheLayer(BlockLayer):
             await self.store.save_records({EXT_CACHE: ext.encode()}, self.recorder.take())
         except OSError as e:
             log.warning("%s: could not save cache counters: %s", self.name, e)
-        self._dirty_counters = False
 
     def lower(self) -> list[BlockLayer]:
         return [self.base]
