@@ -143,3 +143,31 @@ def test_interrupted_pull_over_http_resumes(tmp_path: Path, nginx: NginxServer) 
     assert res["resumed-from"] == 0 and res["downloaded-bytes"] == size
     run([QEMU_IMG, "compare", pulled, cache])
     assert leftovers(tmp_path) == []
+
+
+def test_pull_resumes_a_download_that_had_finished(tmp_path: Path, nginx: NginxServer) -> None:
+    """A pull that died after its last byte (in the base check, say) left the
+    whole artifact behind: the next one downloads nothing more, and still
+    checks the digest of every kept byte before linking the cache."""
+    make_base(tmp_path / "base.raw", 48 * MiB, seed=9)
+    cache = big_warm_cache(tmp_path, "base.raw")
+    art = nginx.root / "boot.qcow2"
+    bootcache("cache", "publish", cache, art)
+    size = art.stat().st_size
+    url = nginx.url("boot.qcow2")
+    pulled = tmp_path / "pulled.qcow2"
+    part = tmp_path / ".pulled.qcow2.pull"
+    part.write_bytes(art.read_bytes())
+    res = json.loads(bootcache("cache", "pull", "--output", "json", url, pulled).stdout)
+    assert res["resumed-from"] == size and res["downloaded-bytes"] == 0, res
+    run([QEMU_IMG, "compare", pulled, cache])
+    assert leftovers(tmp_path) == []
+
+    # The same, with a byte of the kept download damaged: refused by the digest.
+    pulled.unlink()
+    damaged = bytearray(art.read_bytes())
+    damaged[size - 4096] ^= 0xFF
+    part.write_bytes(bytes(damaged))
+    proc = bootcache("cache", "pull", url, pulled, check=False)
+    assert proc.returncode == 1 and "digest" in proc.stderr.decode(), proc.stderr
+    assert not pulled.exists() and leftovers(tmp_path) == []

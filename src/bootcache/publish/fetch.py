@@ -83,6 +83,7 @@ class ArtifactBytes:
         self._kept_bytes = 0
         self._changed = asyncio.Event()
         self._error: BaseException | None = None
+        self._downloaded = asyncio.Event()
 
     async def wait(self, end: int) -> None:
         """Until bytes [0, end) are there (or the download failed)."""
@@ -94,6 +95,21 @@ class ArtifactBytes:
             await self._changed.wait()
         if self.available < end and self._error is not None:
             raise self._error
+
+    async def file_digest(self) -> bytes:
+        """The digest of the whole download, once the download has ended (the
+        bytes a resumed pull kept are hashed while the rest comes: that they
+        are all readable says nothing of the digest)."""
+        assert self.digest is not None
+        while not self._downloaded.is_set():
+            if self._error is not None:
+                raise self._error
+            await self._wait_change()
+        return self.digest.digest()
+
+    async def _wait_change(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
 
     async def read(self, offset: int, length: int) -> bytes:
         await self.wait(offset + length)
@@ -132,6 +148,11 @@ class ArtifactBytes:
             self._kept.append((available - len(chunk), chunk))
             self._kept_bytes += len(chunk)
         self.available = available
+        self._changed.set()
+
+    def downloaded(self) -> None:
+        """Every byte is in the file and, with ``digest``, hashed."""
+        self._downloaded.set()
         self._changed.set()
 
     def fail(self, error: BaseException) -> None:
@@ -195,6 +216,7 @@ async def download(source: ByteSource, into: ArtifactBytes) -> None:
             # write into fresh page-cache pages can take milliseconds.
             await asyncio.to_thread(_land, into.fd, digest, data, at)
             into.advance(at + len(data), data)
+        into.downloaded()
         log.debug("%s: downloaded", source.name)
     except (SourceError, OSError, BootcacheError) as e:
         into.fail(e)

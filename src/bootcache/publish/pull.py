@@ -309,9 +309,9 @@ def _frame_checksums(art: Artifact) -> bool:
 async def _hash_file(art: Artifact, stream: fetch.ArtifactBytes) -> bytes:
     """file_sha256 of the artifact (its own 32 bytes read as zeros): hashed by
     the download as it lands, or read from a local artifact."""
-    await stream.wait(stream.size)
     if stream.digest is not None:
-        return stream.digest.digest()
+        return await stream.file_digest()
+    await stream.wait(stream.size)
     digest = fetch.FileDigest(art.file_sha256_at)
     for off in range(0, stream.size, _HASH_STEP):
         # On a worker thread: the event loop only waits.
