@@ -578,3 +578,24 @@ def test_pipelined_small_reads_on_one_connection(tmp_path: Path, sockdir: str) -
                 "--no-extents", uri(sock, "cache"), str(out))
             assert out.read_bytes() == content
             out.unlink()
+
+
+def test_client_sockets_take_a_whole_1m_reply(inproc: Callable[..., InProcess]) -> None:
+    """A 1 MiB read's reply fits in the kernel's send buffer of the client's
+    socket (the server raises it from the default at accept), and reads back whole."""
+    from bootcache.nbd.server import SEND_BUFFER
+
+    layer = MemLayer(4 << 20)
+    srv: InProcess = inproc({"m": layer})
+    with Client(srv.path).connect("m") as c:
+        c.write(1 << 20, b"q" * (1 << 20))
+        assert srv.server is not None
+        server = srv.server
+        sizes = srv.call(lambda: [
+            conn.transport.get_extra_info("socket").getsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF)
+            for conn in server.connections])
+        wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+        # Linux reports twice what was set (its bookkeeping), capped by wmem_max.
+        assert sizes and all(size >= min(SEND_BUFFER, wmem_max) for size in sizes), sizes
+        assert c.read(1 << 20, 1 << 20) == b"q" * (1 << 20)
